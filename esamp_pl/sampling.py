@@ -1,0 +1,140 @@
+"""Filters, ESamp fusion and sampling, all inside the candidate set.
+
+Order (the same as Hugging Face's logits warpers): temperature, then top-k, then top-p, then
+min-p; each later filter sees the distribution renormalised over what the earlier ones kept. The
+tokens that survive form the candidate set C. ESamp never adds a token outside C: it only
+re-weights C with ``(1 + beta) * l - beta * d`` (spec Eq. 7), then samples from
+``softmax(new / T)`` over C (greedy: argmax of ``new`` over C).
+
+Every filter keeps the highest-logit tokens, so C is always a prefix of the tokens sorted by the
+LM's logits. The work therefore happens in a small *candidate space*: the top ``max_candidates``
+tokens by logit, which is exact whenever C fits in it. When C is larger for some row, the space
+is widened to the whole vocabulary (a full sort) for that step, so results stay exact; the
+fixed-shape decode path may instead truncate and count such rows.
+
+Sampling is inverse-CDF over the candidate probabilities with one uniform number per row, which
+avoids ``torch.multinomial`` over the full vocabulary (tens of ms per step on a CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The LM's own sampling settings (the baseline that ESamp re-weights)."""
+
+    temperature: float = 1.0
+    "divides the logits; 0 means greedy (argmax); < 1 sharper, > 1 flatter"
+    top_k: int = 0
+    "keep the k most likely tokens; 0 disables"
+    top_p: float = 1.0
+    "keep the smallest set whose probability reaches top_p; 1.0 disables"
+    min_p: float = 0.1
+    "keep tokens whose probability is at least min_p times the top token's; 0 disables"
+    max_candidates: int = 64
+    "size of the candidate space searched first; a larger candidate set widens it (exact)"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature has to be a finite float >= 0, but is {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k has to be an integer >= 0 (0 disables it), but is {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p has to be a float in the (0, 1] interval, but is {self.top_p}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p has to be a float in the [0, 1] interval, but is {self.min_p}")
+        if not isinstance(self.max_candidates, int) or self.max_candidates < 1:
+            raise ValueError(f"max_candidates has to be a positive integer, but is {self.max_candidates}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class CandidateSet:
+    """The top tokens of each row, sorted by the LM's logit, and which of them survive the filters."""
+
+    token_ids: torch.Tensor  # [rows, k] vocabulary ids, sorted by descending logit
+    logits: torch.Tensor  # [rows, k] the LM's raw logits l of those tokens
+    keep: torch.Tensor  # [rows, k] bool, the candidate set C (a prefix of each row)
+
+    @property
+    def size(self) -> torch.Tensor:
+        return self.keep.sum(-1)
+
+
+def _filter_sorted(sorted_logits: torch.Tensor, full_logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Candidate mask over logits sorted in descending order (columns = rank)."""
+    temperature = params.temperature if params.temperature > 0 else 1.0
+    scaled = sorted_logits.float() / temperature
+    rank = torch.arange(scaled.shape[-1], device=scaled.device)
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if params.top_k > 0:
+        keep &= rank < params.top_k
+    if params.top_p < 1.0:
+        if params.top_k > 0:
+            normaliser = torch.logsumexp(scaled.masked_fill(~keep, -math.inf), dim=-1, keepdim=True)
+        else:
+            normaliser = torch.logsumexp(full_logits.float() / temperature, dim=-1, keepdim=True)
+        probs = torch.exp(scaled - normaliser).masked_fill(~keep, 0.0)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        keep &= mass_before < params.top_p
+        keep[:, 0] = True
+    if params.min_p > 0.0:
+        keep &= scaled >= scaled[:, :1] + math.log(params.min_p)
+    return keep
+
+
+def select_candidates(logits: torch.Tensor, params: SamplingParams, *, exact: bool = True) -> CandidateSet:
+    """Apply the filters to ``logits`` ([rows, vocab]) and return the candidate set.
+
+    ``exact=False`` never widens the candidate space beyond ``max_candidates`` (fixed shapes, no
+    host synchronisation); rows whose set would be larger are truncated to its top tokens.
+    """
+    vocab = logits.shape[-1]
+    k = min(params.max_candidates, vocab)
+    if 0 < params.top_k < k:
+        k = params.top_k
+    top_logits, top_ids = torch.topk(logits, k, dim=-1)
+    keep = _filter_sorted(top_logits, logits, params)
+    if exact and k < vocab and bool(keep[:, -1].any()):
+        wider = min(vocab, params.top_k) if params.top_k > 0 else vocab
+        top_logits, top_ids = torch.topk(logits, wider, dim=-1)
+        keep = _filter_sorted(top_logits, logits, params)
+    return CandidateSet(token_ids=top_ids, logits=top_logits, keep=keep)
+
+
+def fuse(lm_logits: torch.Tensor, distiller_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """ESamp's re-weighting ``(1 + beta) * l - beta * d`` (spec Eq. 7).
+
+    Rows where the Distiller's logits are not finite keep the LM's logits unchanged, so a broken
+    prediction never reaches sampling.
+    """
+    fused = (1.0 + beta) * lm_logits - beta * distiller_logits
+    usable = torch.isfinite(distiller_logits).all(dim=-1, keepdim=True)
+    return torch.where(usable, fused, lm_logits)
+
+
+def sample_from_candidates(candidates: CandidateSet, scores: torch.Tensor, params: SamplingParams,
+                           uniform: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from ``softmax(scores / T)`` restricted to the candidate set.
+
+    ``scores`` are per-candidate logits (the LM's, or ESamp's fused ones), ``uniform`` one number
+    in [0, 1) per row. Greedy takes the argmax of ``scores`` over the candidates.
+    """
+    masked = scores.float().masked_fill(~candidates.keep, -math.inf)
+    if params.greedy:
+        choice = masked.argmax(dim=-1)
+    else:
+        probs = torch.softmax(masked / params.temperature, dim=-1)
+        cdf = torch.cumsum(probs, dim=-1)
+        threshold = uniform.unsqueeze(-1) * cdf[:, -1:]
+        choice = (cdf < threshold).sum(dim=-1).clamp(max=scores.shape[-1] - 1)
+    return candidates.token_ids.gather(1, choice.unsqueeze(-1)).squeeze(-1)

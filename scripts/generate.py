@@ -1,0 +1,24 @@
+"""Generate n samples per prompt with ESamp (or plain sampling). Config: conf/config.yaml.
+
+    python scripts/generate.py                                  # offline default model, ESamp on
+    python scripts/generate.py esamp.enabled=false n=8          # plain sampling baseline
+    python scripts/generate.py model=qwen3-8b device=cuda prompts=my_prompts.txt output=out.jsonl
+"""
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from esamp_pl.generation import run_generation, summary_line
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    summary = run_generation(cfg)
+    logging.getLogger(__name__).info("wrote %s", cfg.output)
+    print(summary_line(summary))
+
+
+if __name__ == "__main__":
+    main()

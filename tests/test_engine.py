@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from esamp_pl.adapter import AdapterSpec
+from esamp_pl.distiller import DistillerSpec
+from esamp_pl.engine import DecodeEngine, DecodeSettings, ESampSettings, left_pad
+from esamp_pl.sampling import SamplingParams
+from esamp_pl.sites import SitePair
+from tests.conftest import tiny_model
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20]]
+
+
+def engine_for(model, stop=(2,)):
+    return DecodeEngine(model, sites=SitePair(), stop_token_ids=list(stop), pad_token_id=0)
+
+
+def esamp(beta=0.25, **adapter):
+    return ESampSettings(AdapterSpec(DistillerSpec(hidden_size=64, rank=8), **adapter), beta=beta)
+
+
+def tokens(result):
+    return [s.token_ids for p in result.prompts for s in p.samples]
+
+
+def test_beta_zero_gives_bit_identical_tokens_to_esamp_off(tiny_lm):
+    engine = engine_for(tiny_lm)
+    base = DecodeSettings(n=3, max_new_tokens=24, seed=7, sampling=SamplingParams(min_p=0.0, top_p=0.95))
+    off = engine.generate(PROMPTS, base)
+    zero = engine.generate(PROMPTS, DecodeSettings(**{**base.__dict__, "esamp": esamp(beta=0.0)}))
+    assert tokens(off) == tokens(zero)
+    assert zero.adapter_stats.updates > 0  # the Distillers did learn, only the tilt was off
+    on = engine.generate(PROMPTS, DecodeSettings(**{**base.__dict__, "esamp": esamp(beta=0.25)}))
+    assert tokens(on) != tokens(off)
+
+
+def test_same_seed_same_tokens_and_rows_differ(tiny_llama):
+    engine = engine_for(tiny_llama)
+    settings = DecodeSettings(n=4, max_new_tokens=16, seed=3, esamp=esamp(), sampling=SamplingParams(min_p=0.0))
+    a, b = engine.generate(PROMPTS, settings), engine.generate(PROMPTS, settings)
+    assert tokens(a) == tokens(b)
+    assert len({tuple(t) for t in tokens(a)[:4]}) > 1
+
+
+def test_updates_are_one_per_prompt_per_decode_step_while_rows_run(tiny_llama):
+    engine = engine_for(tiny_llama, stop=(255,))  # practically never sampled
+    result = engine.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=10, esamp=esamp(),
+                                                     sampling=SamplingParams(min_p=0.5)))
+    assert result.steps == 9  # the first token comes from the prefill: not a decode step
+    if all(s.finish_reason == "length" for p in result.prompts for s in p.samples):
+        assert result.adapter_stats.updates == 9 * len(PROMPTS)
+    assert len(result.adapter_stats.loss_per_step) == 9
+
+
+def test_finished_rows_stop_and_are_not_trained(tiny_llama):
+    # Make one token certain to be sampled first for every row so every row stops at once.
+    engine = engine_for(tiny_llama, stop=list(range(256)))
+    result = engine.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=12, esamp=esamp(), check_every=1))
+    assert all(s.token_ids == [] and s.finish_reason == "stop" for p in result.prompts for s in p.samples)
+    assert result.adapter_stats.updates == 0 and result.steps <= 1
+
+
+def test_greedy_left_padding_matches_unpadded_generation(tiny_lm):
+    engine = engine_for(tiny_lm)
+    settings = DecodeSettings(n=1, max_new_tokens=12, sampling=SamplingParams(temperature=0.0, min_p=0.0))
+    batched = tokens(engine.generate(PROMPTS, settings))
+    alone = [tokens(engine.generate([p], settings))[0] for p in PROMPTS]
+    assert batched == alone
+
+
+def test_prompts_are_reported_as_they_finish_with_all_samples(tiny_llama):
+    engine = engine_for(tiny_llama)
+    seen = []
+    result = engine.generate(PROMPTS, DecodeSettings(n=3, max_new_tokens=9, check_every=4),
+                             on_prompt_done=lambda r: seen.append(r.prompt_index))
+    assert sorted(seen) == [0, 1, 2] and len(result.prompts) == 3
+    assert all(len(p.samples) == 3 for p in result.prompts)
+    assert all(len(s.token_ids) <= 9 for p in result.prompts for s in p.samples)
+    assert result.tokens_generated == sum(len(t) for t in tokens(result))
+
+
+def test_nan_hidden_state_skips_updates_and_sampling_stays_valid(tiny_llama):
+    engine = engine_for(tiny_llama, stop=(255,))
+    layer0 = tiny_llama.model.layers[0]
+
+    def poison(_m, _i, output):
+        out = output.clone()
+        if out.shape[1] == 1:  # decode steps only
+            out[0, -1, 0] = float("nan")
+        return out
+
+    handle = layer0.register_forward_hook(poison)
+    try:
+        result = engine.generate([PROMPTS[0]], DecodeSettings(n=2, max_new_tokens=6, esamp=esamp()))
+    finally:
+        handle.remove()
+    assert result.adapter_stats.skipped_nonfinite == 5 and result.adapter_stats.updates == 0
+
+
+def test_left_pad_and_bad_settings():
+    ids, mask = left_pad([[1, 2], [3]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
+    with pytest.raises(ValueError, match="at least one token"):
+        left_pad([[1], []], 0, "cpu")
+    with pytest.raises(ValueError, match="n \\(samples per prompt\\) must be an integer >= 1, but is 0"):
+        DecodeSettings(n=0)
+    with pytest.raises(ValueError, match="esamp.beta must be a float >= 0"):
+        esamp(beta=-0.1)

@@ -1,0 +1,37 @@
+import torch
+
+from esamp_pl.optim import AdamSpec, BankAdam
+
+
+def test_matches_torch_adam_with_clipping_per_slot():
+    torch.manual_seed(0)
+    spec = AdamSpec(lr=1e-2, eps=1e-4, grad_clip=0.5)
+    bank = [torch.randn(3, 4, 5), torch.randn(3, 5)]
+    refs = [[t[i].clone().requires_grad_() for t in bank] for i in range(3)]
+    ref_opts = [torch.optim.Adam(r, lr=1e-2, eps=1e-4) for r in refs]
+    opt = BankAdam(bank, spec)
+    for step in range(4):
+        grads = [torch.randn_like(t) * (step + 1) for t in bank]
+        mask = torch.tensor([True, step % 2 == 0, True])
+        opt.step(grads, mask)
+        for i in range(3):
+            if not mask[i]:
+                continue
+            for r, g in zip(refs[i], grads):
+                r.grad = g[i].clone()
+            torch.nn.utils.clip_grad_norm_(refs[i], 0.5)
+            ref_opts[i].step()
+    for i in range(3):
+        for t, r in zip(bank, refs[i]):
+            torch.testing.assert_close(t[i], r.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_slot_is_left_untouched_even_with_nan_free_momentum():
+    bank = [torch.ones(2, 3)]
+    opt = BankAdam(bank, AdamSpec(lr=0.1))
+    opt.step([torch.ones(2, 3)], torch.tensor([True, True]))
+    frozen = bank[0][1].clone()
+    moments = opt.exp_avg[0][1].clone()
+    opt.step([torch.ones(2, 3)], torch.tensor([True, False]))
+    assert torch.equal(bank[0][1], frozen) and torch.equal(opt.exp_avg[0][1], moments)
+    assert not torch.equal(bank[0][0], frozen)

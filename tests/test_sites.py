@@ -1,0 +1,60 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from esamp_pl.sites import OutputHead, SiteCapture, SitePair, decoder_stack
+
+
+def _decode_positions(model, capture=None):
+    """Prefill 2 rows then run 3 decode steps; yield (hidden_states, logits) of each decode step."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (2, 5))
+    cache = DynamicCache()
+    out = model(input_ids=ids, cache=cache, use_cache=True, output_hidden_states=True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(3):
+        out = model(input_ids=token, cache=cache, use_cache=True, output_hidden_states=True)
+        yield out
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def test_paper_sites_equal_hf_hidden_states_and_head_gives_logits(tiny_lm):
+    head = OutputHead(tiny_lm)
+    with SiteCapture(tiny_lm, SitePair("paper")) as capture:
+        for out in _decode_positions(tiny_lm):
+            source, target = capture.pop()
+            torch.testing.assert_close(source, out.hidden_states[1][:, -1], rtol=0, atol=0)
+            torch.testing.assert_close(target, out.hidden_states[-1][:, -1], rtol=0, atol=0)
+            torch.testing.assert_close(head.logits(target), out.logits[:, -1], rtol=1e-5, atol=1e-5)
+            ids = torch.tensor([[3, 7, 100], [0, 255, 9]])
+            torch.testing.assert_close(head.logits_at(target, ids), out.logits[:, -1].gather(1, ids),
+                                       rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_tllm_sites_are_input_norm_outputs(tiny_lm):
+    layers, _ = decoder_stack(tiny_lm)
+    seen = {}
+    handles = [layers[0].input_layernorm.register_forward_hook(lambda m, i, o: seen.__setitem__("s", o)),
+               layers[-1].input_layernorm.register_forward_hook(lambda m, i, o: seen.__setitem__("t", o))]
+    with SiteCapture(tiny_lm, SitePair("tllm")) as capture:
+        for _ in _decode_positions(tiny_lm):
+            source, target = capture.pop()
+            torch.testing.assert_close(source, seen["s"][:, -1], rtol=0, atol=0)
+            torch.testing.assert_close(target, seen["t"][:, -1], rtol=0, atol=0)
+    for h in handles:
+        h.remove()
+
+
+def test_capture_removes_its_hooks(tiny_llama):
+    layers, norm = decoder_stack(tiny_llama)
+    before = len(layers[0]._forward_hooks) + len(norm._forward_hooks)
+    with SiteCapture(tiny_llama, SitePair()):
+        assert len(layers[0]._forward_hooks) + len(norm._forward_hooks) == before + 2
+    assert len(layers[0]._forward_hooks) + len(norm._forward_hooks) == before
+
+
+def test_unknown_site_preset_is_rejected():
+    with pytest.raises(ValueError, match="unknown site preset 'deep'"):
+        SitePair("deep")
