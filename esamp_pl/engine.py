@@ -25,6 +25,9 @@ from esamp_pl.sampling import SamplingParams, fuse, sample_from_candidates, sele
 from esamp_pl.sites import OutputHead, SiteCapture, SitePair
 
 
+FUSION_MODES = ("esamp", "sharpen_only")
+
+
 @dataclass(frozen=True)
 class ESampSettings:
     """ESamp on top of the LM's sampling settings."""
@@ -32,10 +35,18 @@ class ESampSettings:
     adapter: AdapterSpec
     beta: float = 0.25
     "strength of the tilt toward unexplored directions; 0 gives exactly plain sampling"
+    mode: str = "esamp"
+    "esamp: (1 + beta) l - beta d; sharpen_only: (1 + beta) l, no Distiller (a control for the sharpening)"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and self.beta == self.beta):
             raise ValueError(f"esamp.beta must be a float >= 0 (paper default 0.25), but is {self.beta}")
+        if self.mode not in FUSION_MODES:
+            raise ValueError(f"esamp.mode must be one of {FUSION_MODES}, but is {self.mode!r}")
+
+    @property
+    def uses_distiller(self) -> bool:
+        return self.mode == "esamp"
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,8 @@ class DecodeEngine:
         """Filter, fuse (when ESamp is on) and sample one token per row."""
         candidates = select_candidates(logits, sampling)
         scores = candidates.logits
+        if esamp is not None and not esamp.uses_distiller:
+            scores = (1.0 + esamp.beta) * candidates.logits.float()
         if adapter is not None:
             prediction = adapter.predict(source)
             if esamp.beta > 0:
@@ -151,7 +164,7 @@ class DecodeEngine:
         # beta = 0 reproduces plain sampling token for token.
         sample_rng = torch.Generator(device=device).manual_seed(settings.seed)
         adapter = None
-        if esamp is not None:
+        if esamp is not None and esamp.uses_distiller:
             init_rng = torch.Generator().manual_seed(settings.seed + 1)
             adapter = TestTimeAdapter(esamp.adapter, num_prompts, n, device=device, generator=init_rng)
             if initial_state is not None:

@@ -61,9 +61,10 @@ def esamp_settings(esamp_cfg: Any, distiller_cfg: Any, hidden_size: int = _UNKNO
     for key in ("init", "warm_start", "warm_start_path"):
         values.pop(key, None)
     beta = values.pop("beta", 0.25)
+    mode = values.pop("mode", "esamp")
     adapter = _build(AdapterSpec, {**values, "distiller": distiller_spec(distiller_cfg, hidden_size),
                                    "optimizer": _build(AdamSpec, optimizer, "esamp.optimizer")}, "esamp")
-    return ESampSettings(adapter=adapter, beta=beta)
+    return ESampSettings(adapter=adapter, beta=beta, mode=mode)
 
 
 def decode_settings(cfg: DictConfig, hidden_size: int = _UNKNOWN_HIDDEN) -> DecodeSettings:

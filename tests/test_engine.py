@@ -106,3 +106,17 @@ def test_left_pad_and_bad_settings():
         DecodeSettings(n=0)
     with pytest.raises(ValueError, match="esamp.beta must be a float >= 0"):
         esamp(beta=-0.1)
+
+
+def test_sharpen_only_control_equals_plain_sampling_at_lower_temperature(tiny_llama):
+    # (1 + beta) * l sampled at T is l sampled at T / (1 + beta), over the same candidates.
+    engine = engine_for(tiny_llama)
+    sharpen = ESampSettings(AdapterSpec(DistillerSpec(hidden_size=64, rank=8)), beta=0.25, mode="sharpen_only")
+    torch.manual_seed(0)
+    logits = torch.randn(512, 256) * 2
+    uniform = torch.rand(512)
+    a = engine._choose(logits, sharpen, None, None, SamplingParams(top_k=5, min_p=0.0), uniform)
+    b = engine._choose(logits, None, None, None, SamplingParams(top_k=5, min_p=0.0, temperature=0.8), uniform)
+    assert (a == b).float().mean() > 0.99  # equal up to float rounding at CDF boundaries
+    result = engine.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=4, esamp=sharpen))
+    assert result.adapter_stats is None
