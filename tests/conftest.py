@@ -2,15 +2,27 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512)
 
 
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # final logit soft-capping
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+}
+
+
 def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    config_cls, model_cls = ARCHITECTURES[kind]
     config = config_cls(**{**TINY, **overrides})
     return model_cls(config).eval()
 
@@ -18,6 +30,12 @@ def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny_lm(request):
     return tiny_model(request.param)
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def any_tiny_lm(request):
+    """Every supported decoder family, for the tests that must hold across architectures."""
+    return tiny_model(request.param, head_dim=16)
 
 
 @pytest.fixture

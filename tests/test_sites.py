@@ -19,7 +19,8 @@ def _decode_positions(model, capture=None):
 
 
 @torch.no_grad()
-def test_paper_sites_equal_hf_hidden_states_and_head_gives_logits(tiny_lm):
+def test_paper_sites_equal_hf_hidden_states_and_head_gives_logits(any_tiny_lm):
+    tiny_lm = any_tiny_lm
     head = OutputHead(tiny_lm)
     with SiteCapture(tiny_lm, SitePair("paper")) as capture:
         for out in _decode_positions(tiny_lm):
@@ -33,7 +34,8 @@ def test_paper_sites_equal_hf_hidden_states_and_head_gives_logits(tiny_lm):
 
 
 @torch.no_grad()
-def test_tllm_sites_are_input_norm_outputs(tiny_lm):
+def test_tllm_sites_are_input_norm_outputs(any_tiny_lm):
+    tiny_lm = any_tiny_lm
     layers, _ = decoder_stack(tiny_lm)
     seen = {}
     handles = [layers[0].input_layernorm.register_forward_hook(lambda m, i, o: seen.__setitem__("s", o)),
