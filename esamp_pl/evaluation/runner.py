@@ -1,0 +1,366 @@
+"""``scripts/evaluate.py``: one task, several sampling methods, the same problems, seeds and n.
+
+A *method* is a named set of overrides of the ``sampling`` and ``esamp`` config groups (the
+``methods`` catalogue in ``conf/evaluate.yaml``); ``eval.sweeps`` adds variants of a method with one
+key changed (``min_p0.1@T0.7``, ``esamp_random@beta0.1``), so each method *family* draws a
+diversity-vs-perplexity curve instead of a single point.
+
+Problems go through the :class:`~esamp_pl.engine.DecodeEngine` in fixed batches of
+``eval.batch_prompts``; batch ``b`` of every method uses seed ``seed + b``. After a batch the
+samples are graded (graded tasks), scored for diversity (sentence embeddings, per problem) and
+perplexity (under the scorer model), and one JSON line per problem is appended to
+``<output_dir>/results.jsonl``, then one line with the batch's Distiller loss curve. A rerun skips
+every (method, problem) already written with the same settings, and a partly written batch is
+decoded again whole (same seed, same rows), so resumed results equal uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from esamp_pl import settings as settings_lib
+from esamp_pl.engine import DecodeSettings
+from esamp_pl.evaluation.report import RESULTS_FILE, RUN_INFO_FILE, read_records, write_report
+from esamp_pl.evaluation.metrics import Embedder, diversity_metrics, perplexities_from_ids
+from esamp_pl.evaluation.tasks import Problem, grade_many, is_graded, load_task
+from esamp_pl.models import LoadedModel, ModelSpec, load_model
+from esamp_pl.prompts import encode_prompts
+from esamp_pl.sites import SitePair
+
+log = logging.getLogger(__name__)
+
+SWEEP_LABELS = {"sampling.temperature": "T", "esamp.beta": "beta", "sampling.min_p": "min_p",
+                "sampling.top_p": "top_p"}
+_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One sampling method of an evaluation: overrides of the ``sampling`` and ``esamp`` groups."""
+
+    name: str
+    "unique name, e.g. ``min_p0.1`` or ``min_p0.1@T0.7``"
+    family: str
+    "the catalogue entry it derives from; a family's sweep draws one curve"
+    sampling: dict
+    "the full sampling settings (base group merged with the method's overrides)"
+    esamp: dict
+    "the full esamp settings (``enabled: false`` = plain sampling)"
+
+    @property
+    def uses_esamp(self) -> bool:
+        return bool(self.esamp.get("enabled", True))
+
+    @property
+    def init(self) -> str | None:
+        """Distiller init (random / warm / svd) when a Distiller is used, else None."""
+        if not self.uses_esamp or self.esamp.get("mode", "esamp") != "esamp":
+            return None
+        return settings_lib.esamp_init(self.esamp)
+
+
+def _number_label(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def build_methods(cfg: DictConfig) -> list[Method]:
+    """The methods ``eval.methods`` names plus the variants of ``eval.sweeps``, all validated."""
+    catalogue = cfg.get("methods") or {}
+    base_sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
+    base_esamp = OmegaConf.to_container(cfg.esamp, resolve=True)
+
+    def resolve(name: str) -> dict:
+        if name not in catalogue:
+            raise ValueError(f"unknown method {name!r} in eval.methods/eval.sweeps; defined methods: "
+                             f"{sorted(catalogue)} (add one under `methods:` in conf/evaluate.yaml)")
+        entry = OmegaConf.to_container(catalogue[name], resolve=True) or {}
+        unknown = sorted(set(entry) - {"sampling", "esamp"})
+        if unknown:
+            raise ValueError(f"method {name!r} may only override `sampling` and `esamp`, not {unknown}")
+        return {"sampling": {**base_sampling, **(entry.get("sampling") or {})},
+                "esamp": {**base_esamp, **(entry.get("esamp") or {})}}
+
+    methods: list[Method] = []
+    for name in cfg.eval.methods:
+        groups = resolve(name)
+        methods.append(Method(name, name, groups["sampling"], groups["esamp"]))
+    for sweep in cfg.eval.get("sweeps") or []:
+        family, key = sweep.get("method"), sweep.get("key", "")
+        group, _, field = str(key).partition(".")
+        if group not in ("sampling", "esamp") or not field:
+            raise ValueError(f"eval.sweeps: key must be `sampling.<field>` or `esamp.<field>`, but is {key!r}")
+        label = SWEEP_LABELS.get(key, field)
+        for value in sweep.get("values") or []:
+            groups = resolve(family)
+            groups[group] = {**groups[group], field: value}
+            methods.append(Method(f"{family}@{label}{_number_label(value)}", family, groups["sampling"],
+                                  groups["esamp"]))
+    names = [m.name for m in methods]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"method name(s) {duplicates} appear twice (a sweep value repeats a listed method?)")
+    for method in methods:
+        try:
+            decode_settings_for(cfg, method)
+        except ValueError as err:
+            raise ValueError(f"method {method.name!r}: {err}") from err
+    return methods
+
+
+def decode_settings_for(cfg: DictConfig, method: Method, hidden_size: int | None = None) -> DecodeSettings:
+    """The engine settings of one method (``seed`` is the run's; the runner adds the batch index)."""
+    settings_lib.esamp_init(method.esamp)
+    esamp = settings_lib.esamp_settings(method.esamp, cfg.distiller) if method.uses_esamp else None
+    decode = DecodeSettings(n=cfg.n, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed,
+                            sampling=settings_lib.sampling_params(method.sampling), esamp=esamp)
+    return settings_lib.with_hidden_size(decode, hidden_size) if hidden_size else decode
+
+
+def method_key(cfg: DictConfig, method: Method) -> str:
+    """Hash of everything that decides a method's samples; records with another key are stale."""
+    blob = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "task": cfg.eval.task,
+                       "n": cfg.n, "seed": cfg.seed, "max_new_tokens": cfg.eval.max_new_tokens,
+                       "batch_prompts": cfg.eval.batch_prompts, "sampling": method.sampling,
+                       "esamp": method.esamp if method.uses_esamp else {"enabled": False},
+                       "distiller": OmegaConf.to_container(cfg.distiller, resolve=True) if method.uses_esamp
+                       else None, "scorer": cfg.scorer}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+
+def finished_problems(records: list[dict]) -> set[tuple[str, str, str]]:
+    """(method, key, problem id) of every problem record already written."""
+    return {(r["method"], r["key"], r["problem_id"]) for r in records if r.get("kind") == "problem"}
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as existing:
+            existing.seek(-1, 2)
+            torn = existing.read(1) != b"\n"
+    with path.open("a", encoding="utf-8") as sink:
+        if torn:  # an interrupted write left half a line: end it, so the next record starts cleanly
+            sink.write("\n")
+        for record in records:
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sink.flush()
+
+
+# ----------------------------------------------------------------------------- scorer
+
+
+class Scorer:
+    """Perplexity of each sample under the scorer LM, conditioned on the prompt.
+
+    With the generating model as scorer the exact sampled token ids are scored after the exact
+    prompt ids; another scorer re-tokenizes prompt (with its own chat template) and completion text.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, same_as_generator: bool, batch_size: int) -> None:
+        self.loaded = loaded
+        self.same_as_generator = same_as_generator
+        self.batch_size = batch_size
+        self.name = loaded.spec.name
+
+    def __call__(self, prompt_ids: list[int], prompt: str, token_ids: list[list[int]],
+                 texts: list[str]) -> list[float]:
+        tokenizer = self.loaded.tokenizer
+        if not self.same_as_generator:
+            prompt_ids = encode_prompts(tokenizer, [prompt], chat_template=self.loaded.spec.chat_template,
+                                        max_context=self.loaded.max_context, max_new_tokens=1)[0]
+            token_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else [] for t in texts]
+        return perplexities_from_ids(self.loaded.model, [prompt_ids] * len(token_ids), token_ids,
+                                     batch_size=self.batch_size, pad_id=tokenizer.pad_token_id or 0,
+                                     bos_id=tokenizer.bos_token_id)
+
+
+def scorer_spec(name: str) -> ModelSpec:
+    """A ``conf/model`` entry by name, else a local folder or hub id."""
+    entry = _CONF_DIR / "model" / f"{name}.yaml"
+    if entry.is_file():
+        return ModelSpec.from_config(OmegaConf.load(entry))
+    return ModelSpec(name=Path(str(name)).name or str(name), name_or_path=str(name), chat_template=True)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _batches(problems: list[Problem], size: int) -> list[list[Problem]]:
+    return [problems[i:i + size] for i in range(0, len(problems), size)]
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if isinstance(value, float) and math.isfinite(value) else None
+
+
+def _check_config(cfg: DictConfig) -> None:
+    if not isinstance(cfg.eval.batch_prompts, int) or cfg.eval.batch_prompts < 1:
+        raise ValueError(f"eval.batch_prompts must be an integer >= 1, but is {cfg.eval.batch_prompts}")
+    if cfg.eval.limit is not None and (not isinstance(cfg.eval.limit, int) or cfg.eval.limit < 1):
+        raise ValueError(f"eval.limit must be a positive integer or null, but is {cfg.eval.limit}")
+    if not cfg.eval.methods:
+        raise ValueError("eval.methods is empty: name at least one method")
+
+
+def run_evaluation(cfg: DictConfig) -> Path:
+    """Generate, grade and score every (method, problem) not yet in the results file; write the report.
+
+    Returns the output folder.
+    """
+    _check_config(cfg)
+    methods = build_methods(cfg)  # every method's settings validated before the model loads
+    model_spec = ModelSpec.from_config(cfg.model)
+    SitePair(model_spec.sites)
+    problems = load_task(cfg.eval.task, limit=cfg.eval.limit, seed=cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / RESULTS_FILE
+    done = finished_problems(read_records(results_path))
+
+    keys = {m.name: method_key(cfg, m) for m in methods}
+    todo = {m.name: [p for p in problems if (m.name, keys[m.name], p.id) not in done] for m in methods}
+    info: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True), "task": cfg.eval.task,
+                            "model": model_spec.name, "n": cfg.n, "seed": cfg.seed,
+                            "max_new_tokens": cfg.eval.max_new_tokens, "problems": [p.id for p in problems],
+                            "methods": [{**asdict(m), "key": keys[m.name]} for m in methods], "skipped": {}}
+    _write_info(out_dir, info)  # first, so that a report can be drawn from an interrupted run
+    if cfg.get("generate", True) and any(todo.values()):
+        _generate_all(cfg, methods, keys, todo, problems, results_path, info)
+    else:
+        info["skipped"] = {m.name: reason for m in methods if todo[m.name] and (reason := _unavailable(m, model_spec))}
+    _write_info(out_dir, info)
+    if cfg.get("report", True):
+        write_report(out_dir)
+    return out_dir
+
+
+def _write_info(out_dir: Path, info: dict) -> None:
+    (out_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+
+
+def _unavailable(method: Method, model_spec: ModelSpec) -> str | None:
+    """Why a warm-start method cannot run, told without loading the model (report-only runs)."""
+    if method.init != "warm" or method.esamp.get("warm_start_path"):
+        return None
+    from esamp_pl.checkpoint import CheckpointError, find_checkpoint
+
+    try:
+        find_checkpoint(model_spec.name, model_spec.sites)
+    except CheckpointError as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    return None
+
+
+def _generate_all(cfg, methods, keys, todo, problems, results_path, info) -> None:
+    from esamp_pl.checkpoint import CheckpointError
+    from esamp_pl.generation import build_engine, initial_distiller_state
+
+    if cfg.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.num_threads))
+    model_spec = ModelSpec.from_config(cfg.model)
+    loaded = load_model(model_spec, device=cfg.device)
+    hidden = loaded.model.config.hidden_size
+    engine = build_engine(loaded)
+    if not cfg.get("perplexity", True):
+        scorer = None
+    elif cfg.scorer is None:
+        scorer = Scorer(loaded, same_as_generator=True, batch_size=cfg.scorer_batch_size)
+    else:
+        scorer = Scorer(load_model(scorer_spec(cfg.scorer), device=cfg.device), same_as_generator=False,
+                        batch_size=cfg.scorer_batch_size)
+    embedder = Embedder(cfg.embedder, device="cpu")
+    index = {p.id: i for i, p in enumerate(problems)}
+    batches = _batches(problems, cfg.eval.batch_prompts)
+
+    # Initial Distiller weights per method; a method whose init is unavailable is skipped, with the reason.
+    runnable: list[tuple[Method, DecodeSettings, Any]] = []
+    for method in methods:
+        if not todo[method.name]:
+            continue
+        decode = decode_settings_for(cfg, method, hidden)
+        try:
+            initial = initial_distiller_state(OmegaConf.create({"esamp": method.esamp}), loaded, decode)
+        except (CheckpointError, ValueError) as err:  # no/unfitting checkpoint, or no FFN for svd
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            info["skipped"][method.name] = reason
+            log.warning("skipping method %s: %s", method.name, reason)
+            continue
+        runnable.append((method, decode, initial))
+
+    # Batches outside, methods inside: after an interruption every method has the same problems done,
+    # so a partial run is still a like-for-like comparison.
+    total = sum(len(todo[m.name]) for m, _, _ in runnable)
+    bar = tqdm(total=total, desc=f"{cfg.eval.task}: problems x methods", unit="problem",
+               disable=not cfg.progress)
+    try:
+        for b, batch in enumerate(batches):
+            for method, decode, initial in runnable:
+                missing = {p.id for p in todo[method.name]} & {p.id for p in batch}
+                if not missing:
+                    continue
+                bar.set_postfix_str(f"batch {b + 1}/{len(batches)} {method.name}")
+                records = _run_batch(cfg, engine, loaded, scorer, embedder, method, keys[method.name], decode,
+                                     initial, batch, b, index, missing)
+                _append(results_path, records)
+                bar.update(len(missing))
+    finally:
+        bar.close()
+
+
+def _run_batch(cfg, engine, loaded, scorer, embedder, method: Method, key: str, decode: DecodeSettings,
+               initial, batch: list[Problem], batch_index: int, index: dict, missing: set) -> list[dict]:
+    """Decode one batch of problems, then grade and score it; the JSON lines to append."""
+    import dataclasses
+
+    tokenizer = loaded.tokenizer
+    prompt_ids = encode_prompts(tokenizer, [p.prompt for p in batch], chat_template=loaded.spec.chat_template,
+                                max_context=loaded.max_context, max_new_tokens=decode.max_new_tokens)
+    settings = dataclasses.replace(decode, seed=cfg.seed + batch_index)
+    result = engine.generate(prompt_ids, settings, initial_state=initial)
+    common = {"method": method.name, "family": method.family, "key": key, "task": cfg.eval.task,
+              "model": loaded.spec.name, "n": cfg.n, "seed": settings.seed, "max_new_tokens": decode.max_new_tokens}
+    records: list[dict] = []
+    for done in sorted(result.prompts, key=lambda r: r.prompt_index):
+        problem = batch[done.prompt_index]
+        if problem.id not in missing:
+            continue
+        ids = [s.token_ids for s in done.samples]
+        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+        correct = (grade_many(problem, texts, timeout=cfg.eval.grade_timeout, workers=cfg.grade_workers)
+                   if is_graded(problem.task) else None)
+        ppl = (scorer(prompt_ids[done.prompt_index], problem.prompt, ids, texts) if scorer is not None
+               else [math.nan] * len(ids))
+        diversity = {k: _finite_or_none(float(v)) for k, v in diversity_metrics(texts, embedder).items()}
+        samples = [{"text": text, "num_tokens": len(t), "finish_reason": s.finish_reason,
+                    "perplexity": _finite_or_none(p), "correct": None if correct is None else bool(correct[j])}
+                   for j, (text, t, s, p) in enumerate(zip(texts, ids, done.samples, ppl))]
+        records.append({"kind": "problem", **common, "problem_id": problem.id, "problem_index": index[problem.id],
+                        "num_correct": None if correct is None else int(sum(correct)),
+                        "diversity": diversity, "scorer": scorer.name if scorer else None, "samples": samples})
+    stats = result.adapter_stats
+    records.append({"kind": "batch", **common, "batch_index": batch_index, "problem_ids": [p.id for p in batch],
+                    "tokens_generated": result.tokens_generated, "decode_seconds": round(result.decode_seconds, 3),
+                    "decode_steps": result.steps, "init": method.init,
+                    "distiller_updates": stats.updates if stats else None,
+                    "skipped_updates": stats.skipped_nonfinite if stats else None,
+                    "loss_per_step": stats.loss_per_step if stats else None,
+                    "relative_error_per_step": stats.relative_error_per_step if stats else None})
+    return records
+
+
+__all__ = ["Method", "build_methods", "decode_settings_for", "method_key", "read_records", "run_evaluation",
+           "RESULTS_FILE", "RUN_INFO_FILE"]

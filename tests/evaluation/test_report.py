@@ -1,0 +1,57 @@
+"""Report aggregation and the fair comparison, on hand-made records (no model)."""
+
+import math
+
+import pytest
+
+from esamp_pl.evaluation.report import compare_to_curve, paired_difference_se, summarize
+
+CURVE = [(10.0, 3.0), (20.0, 5.0), (40.0, 6.0)]  # (perplexity, Vendi) of a baseline's temperature sweep
+
+
+@pytest.mark.parametrize("point, position, delta", [
+    ((20.0, 5.5), "above", 0.5),        # on a curve point
+    ((math.sqrt(200), 3.5), "below", -0.5),  # halfway between 10 and 20 in log perplexity: curve at 4.0
+    ((5.0, 3.2), "above", 0.2),         # lower perplexity and more diverse than the curve's end: dominates
+    ((80.0, 5.0), "below", -1.0),       # higher perplexity and less diverse: dominated
+    ((5.0, 2.0), "outside", -1.0),      # lower perplexity but less diverse: the curve says nothing
+    ((20.0, math.nan), "n/a", None),
+])
+def test_compare_to_curve(point, position, delta):
+    got, diff = compare_to_curve(point, CURVE)
+    assert got == position
+    assert (diff is None and delta is None) or diff == pytest.approx(delta)
+
+
+def _record(method, pid, correct, vendi, ppls):
+    return {"kind": "problem", "method": method, "problem_id": pid, "num_correct": correct,
+            "diversity": {"vendi": vendi, "mean_cosine": 0.5, "distinct_2": 0.9},
+            "samples": [{"num_tokens": 10, "perplexity": p} for p in ppls]}
+
+
+def test_summarize_uses_the_problems_every_method_finished():
+    info = {"n": 2, "problems": ["p0", "p1"], "methods": [
+        {"name": "min_p0.1", "family": "min_p0.1", "sampling": {"temperature": 1.0}, "esamp": {"enabled": False}},
+        {"name": "esamp_random", "family": "esamp_random", "sampling": {"temperature": 1.0},
+         "esamp": {"enabled": True, "beta": 0.25, "init": "random"}}]}
+    records = [_record("min_p0.1", "p0", 1, 2.0, [2.0, 8.0]), _record("min_p0.1", "p1", 0, 1.0, [4.0, 4.0]),
+               _record("esamp_random", "p0", 2, 1.5, [4.0, 4.0])]  # p1 not finished yet
+    batches = [{"method": "esamp_random", "decode_seconds": 2.0, "tokens_generated": 20, "distiller_updates": 3,
+                "relative_error_per_step": [0.9, 0.5, 0.4]}]
+    summaries, common = summarize(info, records, batches)
+    assert common == ["p0"]
+    base, esamp = summaries
+    assert base.problems == esamp.problems == 1
+    assert base.pass_at_k == {1: 0.5, 2: 1.0} and esamp.pass_at_k == {1: 1.0, 2: 1.0}
+    assert base.perplexity == pytest.approx(4.0)  # geometric mean of 2 and 8
+    assert base.beta is None and esamp.beta == 0.25 and esamp.init == "random"
+    assert esamp.relative_error_first == 0.9 and esamp.relative_error_last == 0.4
+    assert esamp.tokens_per_second == 10.0 and esamp.distiller_updates == 3
+
+
+def test_paired_difference_se_cancels_shared_problem_difficulty():
+    # Problem difficulty differs a lot, but the method beats the curve by exactly 0.5 on every problem.
+    curve = [(10.0, [1.0, 5.0, 3.0]), (40.0, [2.0, 6.0, 4.0])]
+    assert paired_difference_se([2.0, 6.0, 4.0], curve, 20.0) == pytest.approx(0.0, abs=1e-12)  # curve at +0.5
+    assert paired_difference_se([2.0, 6.5, 4.0], curve, 40.0) > 0
+    assert math.isnan(paired_difference_se([2.0], curve, 20.0))

@@ -1,0 +1,119 @@
+"""scripts/evaluate.py end to end on a tiny random Llama with a tiny word-level tokenizer (seconds)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from esamp_pl.evaluation.report import read_records
+from esamp_pl.evaluation.runner import build_methods, run_evaluation
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+WORDS = ("the a of and to in is it that was for on with as he she they at by this from or an be story sea "
+         "light ship night keeper door old new time day man woman city rain wind fire def return if else "
+         "for while list int str x y n i ( ) : , . = + - [ ] ``` python \" ' # > < 0 1 2").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Llama and a word-level tokenizer saved as an ordinary HF folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<pad>", "</s>", *dict.fromkeys(WORDS)])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         pad_token_id=1, eos_token_id=2, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def config(model_dir: Path, out: Path, *overrides: str):
+    tiny = [f"model.name=tiny", f"model.name_or_path={model_dir}", "model.gguf_file=null", "model.package=null",
+            "model.sha256=null", "model.chat_template=false"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="evaluate", overrides=[*tiny, f"output_dir={out}", "progress=false",
+                                                          "eval.limit=2", "n=2", "eval.max_new_tokens=6",
+                                                          "eval.batch_prompts=1", *overrides])
+
+
+def problems(path: Path) -> list[dict]:
+    return [r for r in read_records(path) if r["kind"] == "problem"]
+
+
+def test_creative_all_methods_report_and_resume(tiny_model_dir, tmp_path):
+    cfg = config(tiny_model_dir, tmp_path,
+                 "eval.methods=[min_p0.1,esamp_random,esamp_warm,esamp_svd,sharpen_only,esamp_frozen]")
+    out = run_evaluation(cfg)
+    results = out / "results.jsonl"
+    names = [m.name for m in build_methods(cfg)]
+    assert "min_p0.1@T0.7" in names and "esamp_random@beta0.5" in names
+    info = json.loads((out / "run_info.json").read_text())
+    assert set(info["skipped"]) == {"esamp_warm"} and "CheckpointNotFoundError" in info["skipped"]["esamp_warm"]
+    records = problems(results)
+    ran = [n for n in names if n != "esamp_warm"]
+    assert sorted((r["method"], r["problem_id"]) for r in records) == sorted(
+        (n, p) for n in ran for p in ("creative/lighthouse-keeper", "creative/last-library-card"))
+    for r in records:
+        assert len(r["samples"]) == 2 and r["num_correct"] is None and r["diversity"]["vendi"] >= 1 - 1e-6
+        assert all(s["perplexity"] is None or s["perplexity"] > 0 for s in r["samples"])
+    batches = [r for r in read_records(results) if r["kind"] == "batch"]
+    esamp_batches = [b for b in batches if b["method"] == "esamp_random"]
+    assert all(b["distiller_updates"] > 0 and len(b["relative_error_per_step"]) == b["decode_steps"]
+               for b in esamp_batches)
+    assert all(b["distiller_updates"] == 0 for b in batches if b["method"] == "esamp_frozen")
+    assert all(b["loss_per_step"] is None for b in batches if b["method"] in ("min_p0.1", "sharpen_only"))
+
+    report = (out / "report.md").read_text()
+    assert "| `esamp_random` |" in report and "esamp_warm`: skipped" in report and "Fair comparison" in report
+    assert all((out / f).is_file() for f in ("diversity_vs_perplexity.png", "distiller_error.png"))
+    assert not (out / "pass_at_k.png").exists()
+
+    # A finished run is not redone; a torn tail (the last batch of the last method) is redone alone, identically.
+    lines = results.read_text().splitlines()
+    run_evaluation(config(tiny_model_dir, tmp_path, "report=false",
+                          "eval.methods=[min_p0.1,esamp_random,esamp_warm,esamp_svd,sharpen_only,esamp_frozen]"))
+    assert results.read_text().splitlines() == lines
+    results.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:20])
+    run_evaluation(cfg)
+    again = results.read_text().splitlines()
+    assert len(problems(results)) == len(records)
+    assert json.loads(again[-2]) == json.loads(lines[-2])  # same problem record: same tokens, scores, metrics
+
+
+def test_humaneval_pass_at_k_with_a_separate_scorer(tiny_model_dir, tmp_path):
+    out = run_evaluation(config(tiny_model_dir, tmp_path, "eval=humaneval", "eval.max_new_tokens=4",
+                                "eval.methods=[temp1.0,esamp_random]", f"scorer={tiny_model_dir}"))
+    records = problems(out / "results.jsonl")
+    assert len(records) == 4 and all(r["num_correct"] == 0 for r in records)  # random weights pass nothing
+    assert all(r["scorer"] == tiny_model_dir.name for r in records)
+    assert any(s["perplexity"] for r in records for s in r["samples"])  # re-tokenized text, scored
+    report = (out / "report.md").read_text()
+    assert "pass@1" in report and "pass@2" in report
+    assert (out / "pass_at_k.png").is_file()
+
+
+def test_perplexity_can_be_switched_off(tiny_model_dir, tmp_path):
+    out = run_evaluation(config(tiny_model_dir, tmp_path, "eval.methods=[min_p0.1]", "perplexity=false"))
+    records = problems(out / "results.jsonl")
+    assert records and all(s["perplexity"] is None for r in records for s in r["samples"])
+    assert "| `min_p0.1` |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.methods=[temp1.0,nucleus]", "unknown method 'nucleus'"),
+    ("eval.sweeps=[{method: min_p0.1, key: sampling.min_p, values: [1.5]}]", "min_p0.1@min_p1.5.*min_p has to be"),
+    ("eval.sweeps=[{method: min_p0.1, key: temperature, values: [0.7]}]", "sampling.<field>"),
+    ("eval.sweeps=[{method: min_p0.1, key: sampling.temperature, values: [1.0, 1.0]}]", "appear twice"),
+    ("eval.batch_prompts=0", "eval.batch_prompts must be an integer >= 1"),
+])
+def test_bad_method_config_fails_before_loading(tmp_path, override, message):
+    cfg = config(tmp_path / "no-model-here", tmp_path / "out", override)
+    with pytest.raises(ValueError, match=message):
+        run_evaluation(cfg)
+    assert not (tmp_path / "out").exists()
