@@ -1,0 +1,117 @@
+"""End to end: pre-train on a tiny random model, export, resume, DDP, warm start, and the setup errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from esamp_pl.checkpoint import load_checkpoint
+from esamp_pl.distiller import DistillerSpec
+from esamp_pl.init import initial_distiller_state
+from esamp_pl.models import ModelSpec, ModelUnavailableError, load_model
+from esamp_pl.pretrain.corpus import CorpusError
+from esamp_pl.pretrain.run import run_pretraining
+from tests.pretrain.conftest import pretrain_config
+
+REPO = Path(__file__).resolve().parents[2]
+EXPORT = Path("checkpoints") / "tiny" / "paper-r8.distiller.safetensors"
+
+
+def test_fast_dev_run_exports_a_checkpoint_the_warm_start_accepts(tiny_model_dir, corpus_file, tmp_path, cache_env):
+    cfg = pretrain_config(tiny_model_dir, tmp_path, f"data.paths=[{corpus_file}]", "trainer.fast_dev_run=true")
+    path = run_pretraining(cfg)
+    assert path == tmp_path / EXPORT and path.is_file()
+    state, meta = load_checkpoint(path)
+    assert meta.model_name == "tiny" and meta.sites == "paper" and meta.hidden_size == 64 and meta.steps == 1
+    assert meta.distiller["rank"] == 8 and meta.corpus["source"] == "files" and meta.corpus["pairs"] > 0
+    assert {"val/mse", "val/mse_random", "val/top1_agreement", "val/relative_error"} <= meta.metrics.keys()
+    loaded = load_model(ModelSpec(name="tiny", name_or_path=str(tiny_model_dir), chat_template=False))
+    warm = initial_distiller_state("warm", loaded_model=loaded, sites="paper",
+                                   distiller_spec=DistillerSpec(hidden_size=64, rank=8),
+                                   checkpoints_dir=tmp_path / "checkpoints")
+    assert all(torch.equal(warm[k], state[k]) for k in state)
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class FirstStep(Callback):
+    def __init__(self) -> None:
+        self.first: int | None = None
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if self.first is None:
+            self.first = trainer.global_step
+
+
+def test_resume_after_an_interruption(tiny_model_dir, corpus_file, tmp_path, cache_env):
+    cfg = pretrain_config(tiny_model_dir, tmp_path, f"data.paths=[{corpus_file}]")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pretraining(cfg, callbacks=[CrashAt(3)])
+    assert not (tmp_path / EXPORT).exists()
+    assert list(cache_env.rglob("last.ckpt"))
+    first = FirstStep()
+    path = run_pretraining(cfg, callbacks=[first])
+    assert first.first == 3  # continued, not restarted
+    _, meta = load_checkpoint(path)
+    assert meta.steps == 6
+    assert meta.metrics["val/mse"] < meta.metrics["val/mse_random"]
+
+
+def test_ddp_two_processes_on_cpu(tiny_model_dir, corpus_file, tmp_path, cache_env):
+    cfg_args = ["model.name=tiny", f"model.name_or_path={tiny_model_dir}", "model.gguf_file=null",
+                "model.package=null", "model.sha256=null", "model.chat_template=false", "data=files",
+                f"data.paths=[{corpus_file}]", "data.window=32", "data.batch_size=32", "distiller.rank=8",
+                "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2",
+                "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+                "warmup_steps=1", f"checkpoints_dir={tmp_path / 'checkpoints'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "ESAMP_PL_CACHE": str(cache_env), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain_distiller.py"), *cfg_args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = [line for line in done.stdout.splitlines() if line.startswith("wrote ")]
+    assert exported == [f"wrote {tmp_path / EXPORT}"]  # only rank 0 exports
+    _, meta = load_checkpoint(tmp_path / EXPORT)
+    assert meta.training["devices"] == 2 and meta.steps == 4
+
+
+def test_corpus_without_text_fails_before_training(tiny_model_dir, tmp_path, cache_env):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n\n")
+    cfg = pretrain_config(tiny_model_dir, tmp_path, f"data.paths=[{empty}]")
+    with pytest.raises(CorpusError, match="no usable text"):
+        run_pretraining(cfg)
+
+
+def test_big_model_on_cpu_is_refused(tiny_model_dir, corpus_file, tmp_path, cache_env):
+    cfg = pretrain_config(tiny_model_dir, tmp_path, f"data.paths=[{corpus_file}]", "max_cpu_params=1000")
+    with pytest.raises(RuntimeError, match="would take days.*trainer=gpu"):
+        run_pretraining(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_gpu_trainer_without_gpu_says_what_is_missing(tiny_model_dir, tmp_path, cache_env):
+    cfg = pretrain_config(tiny_model_dir, tmp_path, "data.paths=[x.txt]", "trainer=gpu")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*trainer=cpu"):
+        run_pretraining(cfg)
+
+
+def test_llama3_8b_without_weights_says_what_is_missing(tmp_path, cache_env, monkeypatch, corpus_file):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=["model=llama3-8b", "data=files",
+                                                         f"data.paths=[{corpus_file}]"])
+    with pytest.raises(ModelUnavailableError, match="meta-llama/Meta-Llama-3-8B-Instruct.*hf download"):
+        run_pretraining(cfg)
