@@ -5,8 +5,10 @@ source states to predicted targets with the parameters learned up to the previou
 the token is sampled, :meth:`TestTimeAdapter.update` takes one optimizer step per Distiller on
 this step's (source, target) pairs, so the update first affects the next step (Alg. 1).
 
-The prediction's autograd graph is kept and reused by the update: both use the same parameters
-and the same sources, so the loss needs no second Distiller forward.
+The prediction's activations are kept and reused by the update: both use the same parameters
+and the same sources, so the loss needs no second Distiller forward. The gradient is written out
+by hand (:mod:`esamp_pl.distiller_grad`, checked against autograd): for a network this small,
+autograd's bookkeeping would cost more than the arithmetic.
 
 All counters live on the device and are read once at the end, so a step never waits on the host.
 """
@@ -18,10 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from esamp_pl.distiller import DistillerBank, DistillerSpec
+from esamp_pl.distiller_grad import DistillerGrad
 from esamp_pl.optim import AdamSpec, BankAdam
 
 SCOPES = ("per_prompt", "shared")
 TRAINED_ROWS = ("all", "first")
+UPDATE_MODES = ("sync", "async")
 
 
 @dataclass(frozen=True)
@@ -36,12 +40,16 @@ class AdapterSpec:
     "all: every unfinished sample trains its prompt's Distiller; first: only sample 0 (reference fast mode)"
     learn: bool = True
     "False freezes the Distillers (a control that isolates online learning)"
+    update_mode: str = "async"
+    "async: the update overlaps the next forward (worker thread / CUDA side stream); sync: inline. Same tokens"
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"esamp.scope must be one of {SCOPES}, but is {self.scope!r}")
         if self.rows_trained not in TRAINED_ROWS:
             raise ValueError(f"esamp.rows_trained must be one of {TRAINED_ROWS}, but is {self.rows_trained!r}")
+        if self.update_mode not in UPDATE_MODES:
+            raise ValueError(f"esamp.update_mode must be one of {UPDATE_MODES}, but is {self.update_mode!r}")
 
 
 @dataclass
@@ -64,7 +72,10 @@ class TestTimeAdapter:
     __test__ = False  # not a pytest class
 
     def __init__(self, spec: AdapterSpec, num_prompts: int, samples_per_prompt: int, *,
-                 device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> None:
+                 device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+                 max_steps: int | None = None) -> None:
+        """``max_steps`` (the decode steps to come) pre-allocates the loss curves on the device, so that an
+        update writes into fixed memory (CUDA-graph friendly); None grows them as Python lists."""
         self.spec = spec
         self.num_prompts = num_prompts
         self.samples_per_prompt = samples_per_prompt
@@ -72,16 +83,17 @@ class TestTimeAdapter:
         num_distillers = num_prompts if spec.scope == "per_prompt" else 1
         self.bank = DistillerBank(spec.distiller, num_distillers, device=device, generator=generator)
         self.optimizer = BankAdam(list(self.bank.parameters()), spec.optimizer)
+        self._grad = DistillerGrad(self.bank)
         sample_index = torch.arange(self.rows, device=device) % samples_per_prompt
         self.trainable_rows = sample_index == 0 if spec.rows_trained == "first" else torch.ones_like(
             sample_index, dtype=torch.bool)
-        self._prediction: torch.Tensor | None = None
-        self._source: torch.Tensor | None = None
-        self._finite_source: torch.Tensor | None = None
+        self._pending: tuple[torch.Tensor, tuple | None, torch.Tensor] | None = None
         self.updates = torch.zeros((), dtype=torch.long, device=device)
         self.skipped = torch.zeros((), dtype=torch.long, device=device)
-        self._loss_history: list[torch.Tensor] = []
-        self._relative_history: list[torch.Tensor] = []
+        # Per update: (mean squared error, relative error) of the trained rows.
+        self._history: list[torch.Tensor] = []
+        self._history_buffer = None if max_steps is None else torch.zeros(max_steps, 2, device=device)
+        self._history_len = torch.zeros(1, dtype=torch.long, device=device)
 
     def _grouped(self, rows: torch.Tensor) -> torch.Tensor:
         """[rows, ...] -> [num_distillers, rows per Distiller, ...] (rows are prompt-major)."""
@@ -92,66 +104,102 @@ class TestTimeAdapter:
         self.bank.load_single(state)
         self.optimizer.reset()
 
-    def predict(self, source: torch.Tensor) -> torch.Tensor:
-        """Predicted targets ``[rows, hidden]`` for this step's ``source`` ``[rows, hidden]``."""
-        source = source.float()
+    def restart(self, generator: torch.Generator | None = None,
+                initial_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Start over in place (same tensors, so captured CUDA graphs stay valid): fresh Distillers drawn
+        from ``generator`` exactly as a new adapter would, or ``initial_state``; zeroed moments and counters."""
+        self.bank.reset_parameters(generator)
+        if initial_state is not None:
+            self.bank.load_single(initial_state)
+        self.optimizer.reset()
+        for counter in (self.updates, self.skipped, self._history_len):
+            counter.zero_()
+        self._history.clear()
+        self._pending = None
+
+    @staticmethod
+    def _clean(source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # A non-finite source row is zeroed for the bank (so it cannot poison the gradients of the
-        # other rows of its Distiller) and its prediction is reported as NaN, which fusion ignores.
-        finite_source = torch.isfinite(source).all(-1, keepdim=True)
-        source = torch.where(finite_source, source, torch.zeros_like(source))
-        with torch.set_grad_enabled(self.spec.learn):
-            prediction = self.bank(self._grouped(source)).reshape(self.rows, -1)
-        self._prediction = prediction if self.spec.learn else None
-        self._source = source
-        self._finite_source = finite_source.squeeze(-1)
-        return torch.where(finite_source, prediction.detach(), torch.full_like(prediction, float("nan")))
+        # other rows of its Distiller); the caller reports its prediction as NaN, which fusion ignores.
+        source = source.float()
+        finite = torch.isfinite(source).all(-1)
+        return source.masked_fill(~finite.unsqueeze(-1), 0.0), finite
+
+    def predict(self, source: torch.Tensor, *, for_update: bool = True) -> torch.Tensor:
+        """Predicted targets ``[rows, hidden]`` for this step's ``source`` ``[rows, hidden]``.
+
+        ``for_update`` keeps what :meth:`update` needs (the prediction's activations); without it
+        the prediction is a plain forward and the step's update must go through :meth:`update_on`.
+        """
+        source, finite = self._clean(source)
+        prediction, saved = self._forward(source, keep=for_update)
+        self._pending = (prediction, saved, finite) if for_update else None
+        return prediction.masked_fill(~finite.unsqueeze(-1), float("nan"))
+
+    def _forward(self, source: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, tuple | None]:
+        prediction, saved = self._grad.forward(self._grouped(source), keep=keep and self.spec.learn)
+        return prediction.reshape(self.rows, -1), saved
 
     def update(self, target: torch.Tensor, active_rows: torch.Tensor) -> None:
         """One optimizer step per Distiller on this step's pairs of ``active_rows`` ([rows] bool)."""
-        with torch.enable_grad():
-            self._update(target, active_rows)
-
-    def _update(self, target: torch.Tensor, active_rows: torch.Tensor) -> None:
-        if self._source is None:
+        if self._pending is None:
             raise RuntimeError("update() needs the prediction of the same step: call predict() first")
-        prediction, source, finite_source = self._prediction, self._source, self._finite_source
-        self._prediction = self._source = self._finite_source = None
+        prediction, saved, finite = self._pending
+        self._pending = None
+        self._update(prediction, saved, finite, target, active_rows)
+
+    def update_on(self, source: torch.Tensor, target: torch.Tensor, active_rows: torch.Tensor) -> None:
+        """The same step as ``predict(source)`` then ``update(target, active_rows)``, from the pair alone.
+
+        It recomputes the (cheap) Distiller forward, for callers whose prediction ran elsewhere: a
+        captured CUDA graph, or another stream.
+        """
+        source, finite = self._clean(source)
+        self._update(*self._forward(source, keep=True), finite, target, active_rows)
+
+    @torch.no_grad()
+    def _update(self, prediction, saved, finite_source, target, active_rows) -> None:
         target = target.float()
         rows = active_rows & self.trainable_rows
         finite_row = torch.isfinite(target).all(-1) & finite_source
-        target = torch.where(finite_row.unsqueeze(-1), target, torch.zeros_like(target))
-        if prediction is None:  # frozen: measure only
-            with torch.no_grad():
-                prediction = self.bank(self._grouped(source)).reshape(self.rows, -1)
-        sq_error = (target - prediction).pow(2).sum(-1)
+        target = target.masked_fill(~finite_row.unsqueeze(-1), 0.0)
+        error = prediction - target
+        sq_error = error.pow(2).sum(-1)
         finite_row &= torch.isfinite(sq_error)
-        weight = rows.float()
-        safe_error = torch.where(rows & finite_row, sq_error, torch.zeros_like(sq_error))
-        rows_per_distiller = self._grouped(weight).sum(-1)
-        loss_per_distiller = self._grouped(safe_error).sum(-1) / rows_per_distiller.clamp(min=1.0)
+        valid = rows & finite_row
+        safe_error = torch.where(valid, sq_error, 0.0)
+        rows_per_distiller = self._grouped(rows).sum(-1)
+        error_per_distiller = self._grouped(safe_error).sum(-1)
         has_rows = rows_per_distiller > 0
-        all_finite = self._grouped((finite_row | ~rows).float()).prod(-1) > 0
+        all_finite = self._grouped(finite_row | ~rows).all(-1)
         learn_mask = has_rows & all_finite
 
-        with torch.no_grad():
-            total_rows = weight.sum().clamp(min=1.0)
-            valid = rows & finite_row
-            self._loss_history.append(torch.where(valid, sq_error, 0.0).sum().detach() / total_rows)
-            target_norm = torch.where(valid, target.pow(2).sum(-1), 0.0).sum().clamp(min=1e-12)
-            self._relative_history.append(torch.where(valid, sq_error, 0.0).sum().detach() / target_norm)
-            self.skipped += (has_rows & ~all_finite).sum()
+        total_error = error_per_distiller.sum()
+        target_norm = torch.where(valid, target.pow(2).sum(-1), 0.0).sum().clamp(min=1e-12)
+        self._record(torch.stack([total_error / rows_per_distiller.sum().clamp(min=1), total_error / target_norm]))
 
         if not self.spec.learn:
+            self.skipped += (has_rows & ~all_finite).sum()
             return
-        params = list(self.bank.parameters())
-        grads = torch.autograd.grad(loss_per_distiller.sum(), params)
-        grads = [torch.where(torch.isfinite(g), g, torch.zeros_like(g)) for g in grads]
-        self.optimizer.step(grads, learn_mask)
-        self.updates += learn_mask.sum()
+        # d(sum over Distillers of their mean squared error) / d prediction: 2 (f(s) - h) / rows, on valid rows.
+        row_weight = self._grouped(valid) * (2.0 / rows_per_distiller.clamp(min=1)).unsqueeze(-1)
+        grads = self._grad.backward(saved, self._grouped(error) * row_weight.unsqueeze(-1))
+        stepped = self.optimizer.step(grads, learn_mask)
+        self.updates += stepped.sum()
+        self.skipped += (has_rows & ~stepped).sum()  # non-finite states, or a non-finite gradient
+
+    def _record(self, values: torch.Tensor) -> None:
+        if self._history_buffer is None:
+            self._history.append(values)
+        else:
+            self._history_buffer.index_copy_(0, self._history_len, values.unsqueeze(0))
+            self._history_len += 1
 
     def stats(self) -> AdapterStats:
         """Counters and curves, read from the device (one synchronisation, at the end)."""
-        loss = torch.stack(self._loss_history).tolist() if self._loss_history else []
-        relative = torch.stack(self._relative_history).tolist() if self._relative_history else []
+        if self._history_buffer is None:
+            curves = torch.stack(self._history).tolist() if self._history else []
+        else:
+            curves = self._history_buffer[:int(self._history_len)].tolist()
         return AdapterStats(updates=int(self.updates), skipped_nonfinite=int(self.skipped),
-                            loss_per_step=loss, relative_error_per_step=relative)
+                            loss_per_step=[c[0] for c in curves], relative_error_per_step=[c[1] for c in curves])

@@ -9,6 +9,10 @@ One decode step (``_decode_step``) is: model forward on the last tokens, capture
 target states by hooks, Distiller prediction, candidate filtering, fusion, sampling, Distiller
 update. It makes no host synchronisation of its own; the loop only looks at the host every
 ``check_every`` steps to hand finished prompts to the caller and to stop early.
+
+The pieces of a step that do not depend on the cache layout (candidate choice, per-row
+bookkeeping in :class:`DecodeState`, prefill, adapter set-up) are shared with the fixed-shape
+engine in :mod:`esamp_pl.static_engine`; this one stays the reference path.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from esamp_pl.adapter import AdapterSpec, AdapterStats, TestTimeAdapter
+from esamp_pl.async_update import make_updater
 from esamp_pl.sampling import SamplingParams, fuse, sample_from_candidates, select_candidates
 from esamp_pl.sites import OutputHead, SiteCapture, SitePair
 
@@ -62,6 +67,8 @@ class DecodeSettings:
     seed: int = 0
     check_every: int = 8
     "decode steps between host checks for finished prompts"
+    ignore_eos: bool = False
+    "every row runs to max_new_tokens, stop tokens included (benchmarks: the same work in every run)"
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
@@ -95,6 +102,10 @@ class GenerationResult:
     steps: int
     "decode steps run (the first token, from the prefill, not counted)"
     adapter_stats: AdapterStats | None
+    truncated_rows: int = 0
+    "row-steps whose candidate set was cut to max_candidates (fixed-shape engine only; 0 = exact)"
+    mode: str = "eager"
+    "the decode path that ran (engine, CUDA graphs or not, update mode)"
 
     @property
     def tokens_per_second(self) -> float:
@@ -112,6 +123,37 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Te
         input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         mask[row, width - len(ids):] = 1
     return input_ids.to(device), mask.to(device)
+
+
+@dataclass
+class DecodeState:
+    """Per-row bookkeeping on the device, in fixed-size tensors: what was kept and which rows are done."""
+
+    generated: torch.Tensor
+    "[rows, max_new_tokens] kept tokens, pad elsewhere"
+    lengths: torch.Tensor
+    "[rows] tokens kept"
+    stopped: torch.Tensor
+    "[rows] a stop token ended the row"
+    finished: torch.Tensor
+    "[rows] the row keeps no more tokens"
+
+    @classmethod
+    def empty(cls, rows: int, max_new_tokens: int, pad_token_id: int, device) -> "DecodeState":
+        return cls(generated=torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device),
+                   lengths=torch.zeros(rows, dtype=torch.long, device=device),
+                   stopped=torch.zeros(rows, dtype=torch.bool, device=device),
+                   finished=torch.zeros(rows, dtype=torch.bool, device=device))
+
+    def record(self, token: torch.Tensor, column: torch.Tensor, stop_token_ids: torch.Tensor, pad_token_id: int) -> None:
+        """Keep ``token`` in ``column`` ([1], a device index) for rows still running; a stop token ends its
+        row without being kept. In place, no host synchronisation."""
+        is_stop = torch.isin(token, stop_token_ids)
+        keep = ~self.finished & ~is_stop
+        self.generated.index_copy_(1, column, token.masked_fill(~keep, pad_token_id).unsqueeze(1))
+        self.lengths += keep
+        self.stopped |= ~self.finished & is_stop
+        self.finished |= is_stop
 
 
 class DecodeEngine:
@@ -133,14 +175,21 @@ class DecodeEngine:
         return out.logits[:, -1, :]
 
     def _choose(self, logits, esamp: ESampSettings | None, adapter: TestTimeAdapter | None, source,
-                sampling: SamplingParams, uniform: torch.Tensor) -> torch.Tensor:
-        """Filter, fuse (when ESamp is on) and sample one token per row."""
-        candidates = select_candidates(logits, sampling)
+                sampling: SamplingParams, uniform: torch.Tensor, *, exact: bool = True, for_update: bool = True,
+                truncated: torch.Tensor | None = None) -> torch.Tensor:
+        """Filter, fuse (when ESamp is on) and sample one token per row.
+
+        ``exact=False`` keeps the candidate space at ``max_candidates`` (fixed shapes) and adds the
+        rows it cut to ``truncated``; ``for_update`` is passed on to :meth:`TestTimeAdapter.predict`.
+        """
+        candidates = select_candidates(logits, sampling, exact=exact)
+        if truncated is not None and candidates.keep.shape[-1] < logits.shape[-1]:
+            truncated += candidates.keep[:, -1].sum()
         scores = candidates.logits
         if esamp is not None and not esamp.uses_distiller:
             scores = (1.0 + esamp.beta) * candidates.logits.float()
         if adapter is not None:
-            prediction = adapter.predict(source)
+            prediction = adapter.predict(source, for_update=for_update)
             if esamp.beta > 0:
                 distiller_logits = self.head.logits_at(prediction, candidates.token_ids)
                 scores = fuse(candidates.logits.float(), distiller_logits.float(), esamp.beta)
@@ -160,77 +209,100 @@ class DecodeEngine:
         num_prompts = len(prompt_ids)
         rows = num_prompts * n
         device = self.device
-        # Separate random streams: the Distiller's init must not shift the sampler's numbers, so that
-        # beta = 0 reproduces plain sampling token for token.
-        sample_rng = torch.Generator(device=device).manual_seed(settings.seed)
-        adapter = None
-        if esamp is not None and esamp.uses_distiller:
-            init_rng = torch.Generator().manual_seed(settings.seed + 1)
-            adapter = TestTimeAdapter(esamp.adapter, num_prompts, n, device=device, generator=init_rng)
-            if initial_state is not None:
-                adapter.load_initial_state(initial_state)
+        uniforms = self._uniforms(settings, rows)
+        adapter = self._new_adapter(settings, num_prompts, initial_state)
+        updater = make_updater(adapter, esamp.adapter.update_mode, device=device) if adapter is not None else None
+        stops = self._stop_ids(settings)
+        columns = torch.arange(steps_max, device=device)
 
-        input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id, device)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
         start = time.perf_counter()
         with SiteCapture(self.model, self.sites) as capture:
-            logits = self._forward(input_ids, attention_mask, positions, cache)
-            capture.pop()  # prefill states: neither trained on nor used
+            cache, logits, attention_mask, next_position = self._prefill(capture, prompt_ids, n)
             cache.batch_repeat_interleave(n)
-            logits = logits.repeat_interleave(n, dim=0)
-            attention_mask = attention_mask.repeat_interleave(n, dim=0)
-            next_position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
-
-            generated = torch.full((rows, steps_max), self.pad_token_id, dtype=torch.long, device=device)
-            lengths = torch.zeros(rows, dtype=torch.long, device=device)
-            stopped = torch.zeros(rows, dtype=torch.bool, device=device)
-            finished = torch.zeros(rows, dtype=torch.bool, device=device)
+            state = DecodeState.empty(rows, steps_max, self.pad_token_id, device)
             reported = [False] * num_prompts
             results: list[PromptResult | None] = [None] * num_prompts
 
-            uniform = torch.rand(rows, generator=sample_rng, device=device)
-            token = self._choose(logits, None, None, None, sampling, uniform)
+            token = self._choose(logits, None, None, None, sampling, uniforms[0])
             steps_run = 0
-            for step in range(steps_max):
-                if step > 0:
-                    active = ~finished
-                    attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-                    logits = self._forward(token.unsqueeze(-1), attention_mask, next_position, cache)
-                    next_position = next_position + 1
-                    source, target = capture.pop()
-                    uniform = torch.rand(rows, generator=sample_rng, device=device)
-                    token = self._choose(logits, esamp, adapter, source, sampling, uniform)
-                    if adapter is not None:
-                        adapter.update(target, active)
-                    steps_run += 1
-                # Record the token for rows still running; a stop token ends the row without being kept.
-                is_stop = torch.isin(token, self.stop_token_ids)
-                keep = ~finished & ~is_stop
-                generated[:, step] = torch.where(keep, token, generated[:, step])
-                lengths += keep.long()
-                stopped |= ~finished & is_stop
-                finished |= is_stop
-                if step == steps_max - 1:
-                    finished[:] = True
-                if on_step is not None:
-                    on_step(step)
-                if (step + 1) % settings.check_every == 0 or step == steps_max - 1:
-                    if self._report(finished, generated, lengths, stopped, n, reported, results, on_prompt_done):
-                        break
+            try:
+                for step in range(steps_max):
+                    if step > 0:
+                        active = ~state.finished
+                        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+                        logits = self._forward(token.unsqueeze(-1), attention_mask, next_position, cache)
+                        next_position = next_position + 1
+                        source, target = capture.pop()
+                        if updater is not None:
+                            updater.wait()
+                        token = self._choose(logits, esamp, adapter, source, sampling, uniforms[step],
+                                             for_update=updater is None or updater.reuses_prediction)
+                        if updater is not None:
+                            updater.stage(source, target, active)
+                            updater.launch()
+                        steps_run += 1
+                    state.record(token, columns[step:step + 1], stops, self.pad_token_id)
+                    if step == steps_max - 1:
+                        state.finished[:] = True
+                    if on_step is not None:
+                        on_step(step)
+                    if (step + 1) % settings.check_every == 0 or step == steps_max - 1:
+                        if self._report(state, n, reported, results, on_prompt_done):
+                            break
+            finally:
+                if updater is not None:
+                    updater.close()
         elapsed = time.perf_counter() - start
         done = [r for r in results if r is not None]
-        return GenerationResult(prompts=done, tokens_generated=int(lengths.sum()), decode_seconds=elapsed,
-                                steps=steps_run, adapter_stats=adapter.stats() if adapter is not None else None)
+        mode = "eager" + (f", {esamp.adapter.update_mode} update" if adapter is not None else "")
+        return GenerationResult(prompts=done, tokens_generated=int(state.lengths.sum()), decode_seconds=elapsed,
+                                steps=steps_run, adapter_stats=adapter.stats() if adapter is not None else None,
+                                mode=mode)
+
+    def _uniforms(self, settings: DecodeSettings, rows: int) -> torch.Tensor:
+        """One uniform number per row and step, drawn up front ([max_new_tokens, rows]).
+
+        The sampler has its own random stream: the Distiller's init must not shift its numbers, so
+        that beta = 0 reproduces plain sampling token for token.
+        """
+        sample_rng = torch.Generator(device=self.device).manual_seed(settings.seed)
+        return torch.rand(settings.max_new_tokens, rows, generator=sample_rng, device=self.device)
+
+    def _new_adapter(self, settings: DecodeSettings, num_prompts: int,
+                     initial_state: dict[str, torch.Tensor] | None) -> TestTimeAdapter | None:
+        esamp = settings.esamp
+        if esamp is None or not esamp.uses_distiller:
+            return None
+        init_rng = torch.Generator().manual_seed(settings.seed + 1)
+        adapter = TestTimeAdapter(esamp.adapter, num_prompts, settings.n, device=self.device, generator=init_rng,
+                                  max_steps=settings.max_new_tokens)
+        if initial_state is not None:
+            adapter.load_initial_state(initial_state)
+        return adapter
+
+    def _stop_ids(self, settings: DecodeSettings) -> torch.Tensor:
+        return self.stop_token_ids[:0] if settings.ignore_eos else self.stop_token_ids
+
+    def _prefill(self, capture: SiteCapture, prompt_ids: list[list[int]], n: int):
+        """Prefill each prompt once. Returns its DynamicCache (one row per prompt), and per row (prompt-major,
+        n per prompt): the last position's logits, the attention mask and the next position."""
+        input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id, self.device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(input_ids, attention_mask, positions, cache)
+        capture.pop()  # prefill states: neither trained on nor used
+        return (cache, logits.repeat_interleave(n, dim=0), attention_mask.repeat_interleave(n, dim=0),
+                positions[:, -1:].repeat_interleave(n, dim=0) + 1)
 
     @staticmethod
-    def _report(finished, generated, lengths, stopped, n, reported, results, on_prompt_done) -> bool:
+    def _report(state: DecodeState, n, reported, results, on_prompt_done) -> bool:
         """Hand newly finished prompts to the caller (one host sync); True when all are done."""
-        prompt_done = finished.view(-1, n).all(dim=1).tolist()
+        prompt_done = state.finished.view(-1, n).all(dim=1).tolist()
         pending = [p for p, done in enumerate(prompt_done) if done and not reported[p]]
         if pending:
-            lengths_host = lengths.tolist()
-            stopped_host = stopped.tolist()
+            generated = state.generated
+            lengths_host = state.lengths.tolist()
+            stopped_host = state.stopped.tolist()
             for p in pending:
                 samples = []
                 for row in range(p * n, (p + 1) * n):

@@ -22,6 +22,7 @@ from esamp_pl.engine import DecodeEngine, DecodeSettings, GenerationResult, Prom
 from esamp_pl.models import LoadedModel, ModelSpec, load_model
 from esamp_pl.prompts import encode_prompts, load_prompts
 from esamp_pl.sites import SitePair
+from esamp_pl.static_engine import check_engine, make_engine
 
 
 def stop_token_ids(loaded: LoadedModel) -> list[int]:
@@ -36,9 +37,10 @@ def stop_token_ids(loaded: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
-def build_engine(loaded: LoadedModel) -> DecodeEngine:
-    return DecodeEngine(loaded.model, sites=SitePair(loaded.spec.sites), stop_token_ids=stop_token_ids(loaded),
-                        pad_token_id=loaded.tokenizer.pad_token_id)
+def build_engine(loaded: LoadedModel, kind: str = "eager", *, cuda_graphs: bool = True) -> DecodeEngine:
+    """The decode engine ``kind`` (config key ``engine``): eager (reference loop) or static (fixed shapes)."""
+    return make_engine(kind, loaded.model, sites=SitePair(loaded.spec.sites), stop_token_ids=stop_token_ids(loaded),
+                       pad_token_id=loaded.tokenizer.pad_token_id, cuda_graphs=cuda_graphs)
 
 
 def initial_distiller_state(cfg: DictConfig, loaded: LoadedModel,
@@ -87,6 +89,7 @@ def run_summary(cfg: DictConfig, result: GenerationResult | None, *, interrupted
 def run_generation(cfg: DictConfig) -> dict[str, Any]:
     """Validate, load, generate, write. Returns the run summary."""
     decode = settings_lib.decode_settings(cfg)  # every value checked before any work
+    engine_kind = check_engine(cfg.get("engine", "eager"))
     model_spec = ModelSpec.from_config(cfg.model)
     SitePair(model_spec.sites)
     prompts = load_prompts(cfg.prompts)
@@ -101,7 +104,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     prompt_ids = encode_prompts(loaded.tokenizer, prompts, chat_template=model_spec.chat_template,
                                 max_context=loaded.max_context, max_new_tokens=decode.max_new_tokens)
     initial_state = initial_distiller_state(cfg, loaded, decode)
-    engine = build_engine(loaded)
+    engine = build_engine(loaded, engine_kind)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     summary_path = output.with_suffix(".summary.json")

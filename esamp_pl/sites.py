@@ -150,8 +150,10 @@ class OutputHead:
 
     def logits_at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits of ``token_ids`` ([rows, k]) only, for ``hidden`` of shape [rows, d]."""
-        rows = self.weight[token_ids]  # [rows, k, d]
-        out = torch.bmm(rows, hidden.to(rows.dtype).unsqueeze(-1)).squeeze(-1)
+        # index_select rather than advanced indexing, and [1, d] x [d, k] per row rather than [k, d] x [d, 1]:
+        # the same dot products, ~10x faster on a CPU (BLAS has no fast batched matrix-vector path).
+        rows = self.weight.index_select(0, token_ids.reshape(-1)).view(*token_ids.shape, -1)  # [rows, k, d]
+        out = torch.bmm(hidden.to(rows.dtype).unsqueeze(1), rows.transpose(1, 2)).squeeze(1)
         if self.bias is not None:
             out = out + self.bias[token_ids]
         return self._finish(out)

@@ -35,3 +35,31 @@ def test_masked_slot_is_left_untouched_even_with_nan_free_momentum():
     opt.step([torch.ones(2, 3)], torch.tensor([True, False]))
     assert torch.equal(bank[0][1], frozen) and torch.equal(opt.exp_avg[0][1], moments)
     assert not torch.equal(bank[0][0], frozen)
+
+
+def test_fused_kernel_and_plain_tensor_ops_agree():
+    torch.manual_seed(0)
+    spec = AdamSpec(lr=1e-2, eps=1e-4, grad_clip=0.5, weight_decay=0.01)
+    start = [torch.randn(3, 4, 5), torch.randn(3, 1, 5)]
+    fused_bank, plain_bank = [t.clone() for t in start], [t.clone() for t in start]
+    fused, plain = BankAdam(fused_bank, spec), BankAdam(plain_bank, spec)
+    plain.fused = False
+    assert fused.fused
+    for step in range(5):
+        grads = [torch.randn_like(t) * (step + 1) for t in start]
+        mask = torch.tensor([True, step % 2 == 0, step > 0])
+        assert torch.equal(fused.step(grads, mask), plain.step(grads, mask))
+    for a, b in zip(fused_bank, plain_bank):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.steps, plain.steps)
+
+
+def test_a_non_finite_gradient_skips_only_its_distiller():
+    bank = [torch.ones(3, 4)]
+    opt = BankAdam(bank, AdamSpec(lr=0.1))
+    grad = torch.ones(3, 4)
+    grad[1, 2] = float("inf")
+    stepped = opt.step([grad], torch.ones(3, dtype=torch.bool))
+    assert stepped.tolist() == [True, False, True] and opt.steps.tolist() == [1.0, 0.0, 1.0]
+    assert torch.equal(bank[0][1], torch.ones(4)) and torch.isfinite(bank[0]).all()
+    assert not torch.equal(bank[0][0], torch.ones(4))

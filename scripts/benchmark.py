@@ -1,0 +1,24 @@
+"""ESamp's overhead and the engine's speed, in one process. Config: conf/benchmark.yaml.
+
+    python scripts/benchmark.py                                  # CPU, offline model, 4 prompts x 8 x 64
+    python scripts/benchmark.py --config-name benchmark_gpu      # GPU, Qwen2.5-7B, 8 prompts x 16
+    python scripts/benchmark.py engine=eager esamp.update_mode=sync rounds=9
+
+The last line printed is a JSON summary (esamp_on_off_ratio, engine_hf_ratio, updates, tokens/s, device).
+"""
+
+import json
+
+import hydra
+from omegaconf import DictConfig
+
+from esamp_pl.benchmark import run_benchmark
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    print(json.dumps(run_benchmark(cfg)))
+
+
+if __name__ == "__main__":
+    main()
