@@ -98,7 +98,8 @@ class StreamUpdater(InlineUpdater):
 
     def __init__(self, adapter: TestTimeAdapter, *, side_stream: bool) -> None:
         super().__init__(adapter)
-        self.stream = torch.cuda.Stream(device=adapter.updates.device) if side_stream else None
+        self.device = adapter.updates.device
+        self.stream = torch.cuda.Stream(device=self.device) if side_stream else None
         self._staged = torch.cuda.Event()
         self._done = torch.cuda.Event()
         self._in_flight = False
@@ -123,8 +124,8 @@ class StreamUpdater(InlineUpdater):
         if self.stream is None:
             self._run()
             return
-        self.wait()
-        self._staged.record()
+        self.wait()  # one update in flight at a time: the staging buffers are single
+        self._staged.record(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(self._staged)
             self._run()
@@ -133,7 +134,7 @@ class StreamUpdater(InlineUpdater):
 
     def wait(self) -> None:
         if self._in_flight:
-            torch.cuda.current_stream().wait_event(self._done)
+            torch.cuda.current_stream(self.device).wait_event(self._done)
             self._in_flight = False
 
     def capture(self, pool=None) -> None:
@@ -143,7 +144,7 @@ class StreamUpdater(InlineUpdater):
         """
         self.wait()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=pool):
             self.adapter.update_on(*self.buffers)
         self._graph = graph
 

@@ -225,6 +225,12 @@ class StaticDecodeEngine(DecodeEngine):
                  on_prompt_done: Callable[[PromptResult], None] | None = None,
                  on_step: Callable[[int], None] | None = None) -> GenerationResult:
         """Same contract as :meth:`DecodeEngine.generate`."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):  # streams, events and graphs on the model's GPU
+                return self._generate(prompt_ids, settings, initial_state, on_prompt_done, on_step)
+        return self._generate(prompt_ids, settings, initial_state, on_prompt_done, on_step)
+
+    def _generate(self, prompt_ids, settings: DecodeSettings, initial_state, on_prompt_done, on_step) -> GenerationResult:
         n, steps_max, sampling = settings.n, settings.max_new_tokens, settings.sampling
         num_prompts = len(prompt_ids)
         rows = num_prompts * n
