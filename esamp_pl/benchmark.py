@@ -148,8 +148,7 @@ def _settings(cfg: DictConfig, loaded: LoadedModel) -> tuple[DecodeSettings, Dec
 
 def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     """Load, warm up, run the alternated rounds, print the report; returns the summary (the JSON line)."""
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    settings_lib.apply_threads(cfg.threads)
     if cfg.rounds < 1:
         raise ValueError(f"rounds must be >= 1, but is {cfg.rounds}")
     if cfg.hf and not 1 <= cfg.hf_rounds <= cfg.rounds:

@@ -17,6 +17,7 @@ engine in :mod:`esamp_pl.static_engine`; this one stays the reference path.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,13 @@ class SampleResult:
     "generated tokens, without the stop token"
     finish_reason: str
     "'stop' (a stop token was sampled) or 'length' (max_new_tokens reached)"
+    logprob_sum: float = 0.0
+    "sum over ``token_ids`` of log p(token) under the LM's own distribution (T = 1, no filter, no ESamp)"
+
+    @property
+    def perplexity(self) -> float:
+        """Perplexity of the sample under the generating model, as a scorer pass would give it; nan if empty."""
+        return math.exp(-self.logprob_sum / len(self.token_ids)) if self.token_ids else math.nan
 
 
 @dataclass
@@ -112,6 +120,12 @@ class GenerationResult:
         return self.tokens_generated / max(self.decode_seconds, 1e-9)
 
 
+def token_logprob(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """log p(token) per row under the LM's own distribution (T = 1, before any filter or ESamp)."""
+    logits = logits.float()
+    return logits.gather(1, token.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``input_ids`` and ``attention_mask`` of shape [prompts, longest]."""
     if not prompt_ids or any(len(ids) == 0 for ids in prompt_ids):
@@ -137,21 +151,27 @@ class DecodeState:
     "[rows] a stop token ended the row"
     finished: torch.Tensor
     "[rows] the row keeps no more tokens"
+    logprob_sums: torch.Tensor
+    "[rows] float32: sum of the kept tokens' log-probabilities under the LM (its perplexity for free)"
 
     @classmethod
     def empty(cls, rows: int, max_new_tokens: int, pad_token_id: int, device) -> "DecodeState":
         return cls(generated=torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device),
                    lengths=torch.zeros(rows, dtype=torch.long, device=device),
                    stopped=torch.zeros(rows, dtype=torch.bool, device=device),
-                   finished=torch.zeros(rows, dtype=torch.bool, device=device))
+                   finished=torch.zeros(rows, dtype=torch.bool, device=device),
+                   logprob_sums=torch.zeros(rows, dtype=torch.float32, device=device))
 
-    def record(self, token: torch.Tensor, column: torch.Tensor, stop_token_ids: torch.Tensor, pad_token_id: int) -> None:
+    def record(self, token: torch.Tensor, column: torch.Tensor, stop_token_ids: torch.Tensor, pad_token_id: int,
+               logits: torch.Tensor) -> None:
         """Keep ``token`` in ``column`` ([1], a device index) for rows still running; a stop token ends its
-        row without being kept. In place, no host synchronisation."""
+        row without being kept. ``logits`` are the LM's for this position (the kept token's log-probability is
+        summed). In place, no host synchronisation."""
         is_stop = torch.isin(token, stop_token_ids)
         keep = ~self.finished & ~is_stop
         self.generated.index_copy_(1, column, token.masked_fill(~keep, pad_token_id).unsqueeze(1))
         self.lengths += keep
+        self.logprob_sums += token_logprob(logits, token).masked_fill(~keep, 0.0)
         self.stopped |= ~self.finished & is_stop
         self.finished |= is_stop
 
@@ -241,7 +261,7 @@ class DecodeEngine:
                             updater.stage(source, target, active)
                             updater.launch()
                         steps_run += 1
-                    state.record(token, columns[step:step + 1], stops, self.pad_token_id)
+                    state.record(token, columns[step:step + 1], stops, self.pad_token_id, logits)
                     if step == steps_max - 1:
                         state.finished[:] = True
                     if on_step is not None:
@@ -303,11 +323,13 @@ class DecodeEngine:
             generated = state.generated
             lengths_host = state.lengths.tolist()
             stopped_host = state.stopped.tolist()
+            logprob_sums_host = state.logprob_sums.tolist()
             for p in pending:
                 samples = []
                 for row in range(p * n, (p + 1) * n):
                     ids = generated[row, :lengths_host[row]].tolist()
-                    samples.append(SampleResult(ids, "stop" if stopped_host[row] else "length"))
+                    samples.append(SampleResult(ids, "stop" if stopped_host[row] else "length",
+                                                logprob_sums_host[row]))
                 results[p] = PromptResult(p, samples)
                 reported[p] = True
                 if on_prompt_done is not None:

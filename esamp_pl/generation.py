@@ -62,7 +62,8 @@ def sample_records(result: PromptResult, prompts: list[str], tokenizer, n: int) 
     """One JSON-ready record per sample of a finished prompt."""
     return [{"prompt_index": result.prompt_index, "sample_index": j, "prompt": prompts[result.prompt_index],
              "text": tokenizer.decode(sample.token_ids, skip_special_tokens=True),
-             "num_tokens": len(sample.token_ids), "finish_reason": sample.finish_reason}
+             "num_tokens": len(sample.token_ids), "finish_reason": sample.finish_reason,
+             "perplexity": round(sample.perplexity, 4) if sample.token_ids else None}
             for j, sample in enumerate(result.samples)]
 
 
@@ -71,7 +72,7 @@ def run_summary(cfg: DictConfig, result: GenerationResult | None, *, interrupted
     summary: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True), "interrupted": interrupted,
                                "model_load_seconds": round(load_seconds, 3)}
     if result is not None:
-        summary.update(tokens_generated=result.tokens_generated, decode_steps=result.steps,
+        summary.update(engine_mode=result.mode, tokens_generated=result.tokens_generated, decode_steps=result.steps,
                        decode_seconds=round(result.decode_seconds, 3),
                        tokens_per_second=round(result.tokens_per_second, 3))
         stats = result.adapter_stats
@@ -90,6 +91,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     """Validate, load, generate, write. Returns the run summary."""
     decode = settings_lib.decode_settings(cfg)  # every value checked before any work
     engine_kind = check_engine(cfg.get("engine", "eager"))
+    settings_lib.apply_threads(cfg.get("threads"))
     model_spec = ModelSpec.from_config(cfg.model)
     SitePair(model_spec.sites)
     prompts = load_prompts(cfg.prompts)
@@ -104,7 +106,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
     prompt_ids = encode_prompts(loaded.tokenizer, prompts, chat_template=model_spec.chat_template,
                                 max_context=loaded.max_context, max_new_tokens=decode.max_new_tokens)
     initial_state = initial_distiller_state(cfg, loaded, decode)
-    engine = build_engine(loaded, engine_kind)
+    engine = build_engine(loaded, engine_kind, cuda_graphs=cfg.get("cuda_graphs", True))
 
     output.parent.mkdir(parents=True, exist_ok=True)
     summary_path = output.with_suffix(".summary.json")
@@ -132,7 +134,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
 
 def summary_line(summary: dict[str, Any]) -> str:
     """A one-screen digest of the summary for the terminal."""
-    keys = ("tokens_generated", "tokens_per_second", "distiller_updates", "skipped_updates", "loss_first_step",
+    keys = ("engine_mode", "tokens_generated", "tokens_per_second", "distiller_updates", "skipped_updates", "loss_first_step",
             "loss_last_step", "relative_error_first_step", "relative_error_last_step")
     return json.dumps({k: summary[k] for k in keys if k in summary})
 

@@ -12,8 +12,8 @@ tokens by logit, which is exact whenever C fits in it. When C is larger for some
 is widened to the whole vocabulary (a full sort) for that step, so results stay exact; the
 fixed-shape decode path may instead truncate and count such rows.
 
-Sampling is inverse-CDF over the candidate probabilities with one uniform number per row, which
-avoids ``torch.multinomial`` over the full vocabulary (tens of ms per step on a CPU).
+Sampling is inverse-CDF over the candidate probabilities (in vocabulary order) with one uniform number
+per row, which avoids ``torch.multinomial`` over the full vocabulary (tens of ms per step on a CPU).
 """
 
 from __future__ import annotations
@@ -133,8 +133,13 @@ def sample_from_candidates(candidates: CandidateSet, scores: torch.Tensor, param
     if params.greedy:
         choice = masked.argmax(dim=-1)
     else:
-        probs = torch.softmax(masked / params.temperature, dim=-1)
+        # The CDF runs over the candidates in vocabulary order, not logit order: near-tied tokens then
+        # cannot swap places under float noise (1e-5 between batch shapes or engines), which would hand a
+        # uniform to the other token; in id order such noise only moves a boundary by as much.
+        by_id = candidates.token_ids.argsort(dim=-1)
+        probs = torch.softmax(masked / params.temperature, dim=-1).gather(1, by_id)
         cdf = torch.cumsum(probs, dim=-1)
         threshold = uniform.unsqueeze(-1) * cdf[:, -1:]
-        choice = (cdf < threshold).sum(dim=-1).clamp(max=scores.shape[-1] - 1)
+        position = (cdf < threshold).sum(dim=-1, keepdim=True).clamp(max=scores.shape[-1] - 1)
+        choice = by_id.gather(1, position).squeeze(-1)
     return candidates.token_ids.gather(1, choice.unsqueeze(-1)).squeeze(-1)

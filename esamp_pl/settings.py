@@ -75,6 +75,25 @@ def decode_settings(cfg: DictConfig, hidden_size: int = _UNKNOWN_HIDDEN) -> Deco
                           esamp=esamp_settings(cfg.esamp, cfg.distiller, hidden_size))
 
 
+def check_threads(threads: Any) -> int | None:
+    """``threads`` (config key) if it is a positive integer or None, else a ValueError naming the fix."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or null (torch's default), but is {threads!r}")
+    return threads
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU thread count (config key ``threads``; None keeps torch's default).
+
+    On a shared machine, torch's default of one OpenMP thread per core competing with other jobs can make a
+    decode step many times slower than a single thread; ``threads=1`` is the cure.
+    """
+    if check_threads(threads) is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def with_hidden_size(settings: DecodeSettings, hidden_size: int) -> DecodeSettings:
     """The same settings with the Distiller sized for the loaded model."""
     if settings.esamp is None:

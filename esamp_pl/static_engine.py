@@ -104,7 +104,7 @@ class StaticDecodeEngine(DecodeEngine):
         token = self._choose(prog.logits, settings.esamp, prog.adapter, prog.source, settings.sampling, uniform,
                              exact=False, for_update=for_update, truncated=prog.truncated)
         prog.input_ids.copy_(token.unsqueeze(-1))
-        prog.state.record(token, prog.step, stops, self.pad_token_id)
+        prog.state.record(token, prog.step, stops, self.pad_token_id, prog.logits)
         prog.step += 1
         if prog.updater is not None:
             prog.updater.stage(prog.source, prog.target, active)
@@ -169,7 +169,7 @@ class StaticDecodeEngine(DecodeEngine):
         prog.uniforms.copy_(self._uniforms(settings, prog.uniforms.shape[1]))
         state = prog.state
         state.generated.fill_(self.pad_token_id)
-        for t in (state.lengths, state.stopped, state.finished, prog.truncated):
+        for t in (state.lengths, state.stopped, state.finished, state.logprob_sums, prog.truncated):
             t.zero_()
         if prog.adapter is not None:
             prog.adapter.restart(torch.Generator().manual_seed(settings.seed + 1), initial_state)
@@ -259,7 +259,7 @@ class StaticDecodeEngine(DecodeEngine):
             token = self._choose(logits, None, None, None, sampling, prog.uniforms[0], exact=False,
                                  truncated=prog.truncated)
             prog.input_ids.copy_(token.unsqueeze(-1))
-            prog.state.record(token, prog.step, stops, self.pad_token_id)
+            prog.state.record(token, prog.step, stops, self.pad_token_id, logits)
             prog.step += 1
             steps_run = 0
             try:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -120,3 +122,23 @@ def test_sharpen_only_control_equals_plain_sampling_at_lower_temperature(tiny_ll
     assert (a == b).float().mean() > 0.99  # equal up to float rounding at CDF boundaries
     result = engine.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=4, esamp=sharpen))
     assert result.adapter_stats is None
+
+
+@pytest.mark.parametrize("kind", ["eager", "static"])
+def test_in_loop_perplexity_equals_a_scoring_pass_under_the_model(tiny_lm, kind):
+    """The perplexity the loop sums on the fly is the LM's (T = 1, unfiltered, not ESamp's fused one)."""
+    from esamp_pl.evaluation.metrics import perplexities_from_ids
+    from esamp_pl.static_engine import make_engine
+
+    engine = make_engine(kind, tiny_lm, sites=SitePair(), stop_token_ids=[2], pad_token_id=0)
+    settings = DecodeSettings(n=2, max_new_tokens=12, seed=5, esamp=esamp(beta=0.5),
+                              sampling=SamplingParams(temperature=0.8, min_p=0.05))
+    result = engine.generate(PROMPTS, settings)
+    samples = [(p.prompt_index, s) for p in result.prompts for s in p.samples]
+    assert any(s.token_ids for _, s in samples)
+    scored = perplexities_from_ids(tiny_lm, [PROMPTS[i] for i, _ in samples], [s.token_ids for _, s in samples])
+    for (_, sample), reference in zip(samples, scored):
+        if sample.token_ids:
+            assert sample.perplexity == pytest.approx(reference, rel=1e-4)
+        else:
+            assert math.isnan(sample.perplexity)

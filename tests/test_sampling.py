@@ -96,6 +96,29 @@ def test_sampler_follows_the_candidate_distribution():
     torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
 
 
+def test_sampler_follows_the_distribution_when_vocab_order_differs_from_logit_order():
+    probs = torch.tensor([0.05, 0.3, 0.15, 0.5])  # the most likely token has the highest id
+    logits = probs.log().repeat(20000, 1)
+    params = SamplingParams(temperature=1.0, min_p=0.2)
+    cands = select_candidates(logits, params)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(2))
+    freq = torch.bincount(sample_from_candidates(cands, cands.logits, params, u), minlength=4).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.3, 0.15, 0.5]) / 0.95, atol=0.015, rtol=0)
+
+
+def test_float_noise_on_near_tied_logits_rarely_changes_the_token():
+    """1e-5 of noise (what another batch shape or engine gives) must not reshuffle a flat distribution."""
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab = 2000, 300
+    logits = torch.randn(rows, vocab, generator=gen) * 1e-3  # ~300 near-tied tokens, all candidates
+    noisy = logits + torch.randn(rows, vocab, generator=gen) * 1e-5
+    params = SamplingParams(temperature=1.0, min_p=0.0, max_candidates=vocab)
+    u = torch.rand(rows, generator=gen)
+    picks = [sample_from_candidates(c, c.logits, params, u) for c in map(lambda x: select_candidates(x, params),
+                                                                          (logits, noisy))]
+    assert (picks[0] != picks[1]).sum() <= rows // 100  # in logit order about every row would change
+
+
 def test_temperature_reshapes_the_sampled_distribution():
     probs = torch.tensor([0.6, 0.4])
     logits = probs.log().repeat(20000, 1)

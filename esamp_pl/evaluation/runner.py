@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from esamp_pl import settings as settings_lib
-from esamp_pl.engine import DecodeSettings
+from esamp_pl.engine import DecodeSettings, SampleResult
+from esamp_pl.static_engine import check_engine
 from esamp_pl.evaluation.report import RESULTS_FILE, RUN_INFO_FILE, read_records, write_report
 from esamp_pl.evaluation.metrics import Embedder, diversity_metrics, perplexities_from_ids
 from esamp_pl.evaluation.tasks import Problem, grade_many, is_graded, load_task
@@ -125,12 +126,17 @@ def decode_settings_for(cfg: DictConfig, method: Method, hidden_size: int | None
     return settings_lib.with_hidden_size(decode, hidden_size) if hidden_size else decode
 
 
+# esamp keys that change how fast the samples come, not which: left out of the resume key.
+SAMPLE_NEUTRAL_ESAMP_KEYS = ("update_mode",)
+
+
 def method_key(cfg: DictConfig, method: Method) -> str:
     """Hash of everything that decides a method's samples; records with another key are stale."""
+    esamp = {k: v for k, v in method.esamp.items() if k not in SAMPLE_NEUTRAL_ESAMP_KEYS}
     blob = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "task": cfg.eval.task,
                        "n": cfg.n, "seed": cfg.seed, "max_new_tokens": cfg.eval.max_new_tokens,
                        "batch_prompts": cfg.eval.batch_prompts, "sampling": method.sampling,
-                       "esamp": method.esamp if method.uses_esamp else {"enabled": False},
+                       "esamp": esamp if method.uses_esamp else {"enabled": False},
                        "distiller": OmegaConf.to_container(cfg.distiller, resolve=True) if method.uses_esamp
                        else None, "scorer": cfg.scorer}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -162,10 +168,11 @@ def _append(path: Path, records: list[dict]) -> None:
 
 
 class Scorer:
-    """Perplexity of each sample under the scorer LM, conditioned on the prompt.
+    """Perplexity of each sample under a scorer LM, conditioned on the prompt.
 
-    With the generating model as scorer the exact sampled token ids are scored after the exact
-    prompt ids; another scorer re-tokenizes prompt (with its own chat template) and completion text.
+    With the generating model as scorer (``scorer=null``) no pass is needed: the decode loop already
+    summed each kept token's log-probability under the LM (``SampleResult.perplexity``). Another scorer
+    re-tokenizes prompt (with its own chat template) and completion text and runs one forward pass.
     """
 
     def __init__(self, loaded: LoadedModel, *, same_as_generator: bool, batch_size: int) -> None:
@@ -174,13 +181,13 @@ class Scorer:
         self.batch_size = batch_size
         self.name = loaded.spec.name
 
-    def __call__(self, prompt_ids: list[int], prompt: str, token_ids: list[list[int]],
-                 texts: list[str]) -> list[float]:
+    def __call__(self, prompt: str, samples: list[SampleResult], texts: list[str]) -> list[float]:
+        if self.same_as_generator:
+            return [s.perplexity for s in samples]
         tokenizer = self.loaded.tokenizer
-        if not self.same_as_generator:
-            prompt_ids = encode_prompts(tokenizer, [prompt], chat_template=self.loaded.spec.chat_template,
-                                        max_context=self.loaded.max_context, max_new_tokens=1)[0]
-            token_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else [] for t in texts]
+        prompt_ids = encode_prompts(tokenizer, [prompt], chat_template=self.loaded.spec.chat_template,
+                                    max_context=self.loaded.max_context, max_new_tokens=1)[0]
+        token_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else [] for t in texts]
         return perplexities_from_ids(self.loaded.model, [prompt_ids] * len(token_ids), token_ids,
                                      batch_size=self.batch_size, pad_id=tokenizer.pad_token_id or 0,
                                      bos_id=tokenizer.bos_token_id)
@@ -212,6 +219,8 @@ def _check_config(cfg: DictConfig) -> None:
         raise ValueError(f"eval.limit must be a positive integer or null, but is {cfg.eval.limit}")
     if not cfg.eval.methods:
         raise ValueError("eval.methods is empty: name at least one method")
+    settings_lib.check_threads(cfg.get("threads"))
+    check_engine(cfg.get("engine", "eager"))
 
 
 def run_evaluation(cfg: DictConfig) -> Path:
@@ -267,14 +276,11 @@ def _generate_all(cfg, methods, keys, todo, problems, results_path, info) -> Non
     from esamp_pl.checkpoint import CheckpointError
     from esamp_pl.generation import build_engine, initial_distiller_state
 
-    if cfg.get("num_threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg.num_threads))
+    settings_lib.apply_threads(cfg.get("threads"))
     model_spec = ModelSpec.from_config(cfg.model)
     loaded = load_model(model_spec, device=cfg.device)
     hidden = loaded.model.config.hidden_size
-    engine = build_engine(loaded)
+    engine = build_engine(loaded, check_engine(cfg.get("engine", "eager")))
     if not cfg.get("perplexity", True):
         scorer = None
     elif cfg.scorer is None:
@@ -342,7 +348,7 @@ def _run_batch(cfg, engine, loaded, scorer, embedder, method: Method, key: str, 
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
         correct = (grade_many(problem, texts, timeout=cfg.eval.grade_timeout, workers=cfg.grade_workers)
                    if is_graded(problem.task) else None)
-        ppl = (scorer(prompt_ids[done.prompt_index], problem.prompt, ids, texts) if scorer is not None
+        ppl = (scorer(problem.prompt, done.samples, texts) if scorer is not None
                else [math.nan] * len(ids))
         diversity = {k: _finite_or_none(float(v)) for k, v in diversity_metrics(texts, embedder).items()}
         samples = [{"text": text, "num_tokens": len(t), "finish_reason": s.finish_reason,

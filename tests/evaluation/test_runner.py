@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from esamp_pl.evaluation.report import read_records
-from esamp_pl.evaluation.runner import build_methods, run_evaluation
+from esamp_pl.evaluation.runner import build_methods, method_key, run_evaluation
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 WORDS = ("the a of and to in is it that was for on with as he she they at by this from or an be story sea "
@@ -105,12 +105,27 @@ def test_perplexity_can_be_switched_off(tiny_model_dir, tmp_path):
     assert "| `min_p0.1` |" in (out / "report.md").read_text()
 
 
+def test_resume_key_follows_the_samples_not_the_speed(tmp_path):
+    def key(*overrides: str) -> str:
+        cfg = config(tmp_path, tmp_path / "out", "eval.methods=[esamp_random]", "eval.sweeps=[]", *overrides)
+        (method,) = build_methods(cfg)
+        return method_key(cfg, method)
+
+    base = key()
+    assert key("esamp.update_mode=sync") == base  # async and sync updates give the same tokens
+    assert key("threads=1", "engine=static") == base
+    assert key("esamp.optimizer.lr=0.001") != base  # the method keeps the base group's optimizer
+    assert key("seed=1") != base and key("distiller.rank=32") != base
+
+
 @pytest.mark.parametrize("override, message", [
     ("eval.methods=[temp1.0,nucleus]", "unknown method 'nucleus'"),
     ("eval.sweeps=[{method: min_p0.1, key: sampling.min_p, values: [1.5]}]", "min_p0.1@min_p1.5.*min_p has to be"),
     ("eval.sweeps=[{method: min_p0.1, key: temperature, values: [0.7]}]", "sampling.<field>"),
     ("eval.sweeps=[{method: min_p0.1, key: sampling.temperature, values: [1.0, 1.0]}]", "appear twice"),
     ("eval.batch_prompts=0", "eval.batch_prompts must be an integer >= 1"),
+    ("threads=0", "threads must be a positive integer"),
+    ("engine=fast", "engine must be one of"),
 ])
 def test_bad_method_config_fails_before_loading(tmp_path, override, message):
     cfg = config(tmp_path / "no-model-here", tmp_path / "out", override)
