@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from esamp_pl.evaluation.metrics import pass_at_k_curve
+from esamp_pl.evaluation.metrics import pass_at_k, pass_at_k_curve
 
 __all__ = ["MethodSummary", "compare_to_curve", "paired_difference_se", "read_records", "summarize", "write_report"]
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class MethodSummary:
     init: str | None
     problems: int
     pass_at_k: dict[int, float] = field(default_factory=dict)
+    num_correct_per_problem: list[int] = field(default_factory=list)
+    "correct samples (of n) per common problem, in problem order (for paired comparisons)"
     vendi: float = math.nan
     "mean over problems of the Vendi score of that problem's n samples (higher = more diverse)"
     vendi_se: float = math.nan
@@ -119,7 +121,8 @@ def summarize(info: dict, problem_records: list[dict],
                           beta=float(m["esamp"].get("beta", 0.25)) if esamp_on else None, init=_init(m),
                           problems=len(records))
         if records and records[0].get("num_correct") is not None:
-            s.pass_at_k = pass_at_k_curve([r["num_correct"] for r in records], n)
+            s.num_correct_per_problem = [int(r["num_correct"]) for r in records]
+            s.pass_at_k = pass_at_k_curve(s.num_correct_per_problem, n)
         vendis = [r["diversity"].get("vendi") for r in records]
         s.vendi_per_problem = [math.nan if v is None else float(v) for v in vendis]
         s.vendi = _nanmean(vendis)
@@ -216,7 +219,8 @@ def paired_difference_se(values: list[float], curve: list[tuple[float, list[floa
     nearest end outside the range), so the mean difference equals the aggregate one while problem
     difficulty, shared by the methods on the same prompts, cancels out of the error.
     """
-    pts = sorted((math.log(p), np.asarray(v, dtype=float)) for p, v in curve if math.isfinite(p) and p > 0)
+    pts = sorted(((math.log(p), np.asarray(v, dtype=float)) for p, v in curve if math.isfinite(p) and p > 0),
+                 key=lambda point: point[0])  # equal perplexities must not compare the arrays
     if not pts or not (math.isfinite(ppl) and ppl > 0) or len(values) < 2:
         return math.nan
     x = math.log(ppl)
@@ -261,6 +265,43 @@ def _fair_comparison(summaries: list[MethodSummary], reference: str) -> list[str
     return lines
 
 
+def paired_pass_at_k(method: list[int], reference: list[int], n: int, k: int) -> tuple[float, float]:
+    """Mean and standard error over problems of pass@k(method) - pass@k(reference), problem by problem.
+
+    Both lists hold the correct-sample counts of the same problems in the same order; pairing removes
+    the problems' difficulty, which the two methods share, from the error.
+    """
+    if len(method) != len(reference):
+        raise ValueError(f"{len(method)} vs {len(reference)} problems: pair the same problems")
+    diffs = np.array([pass_at_k(n, a, k) - pass_at_k(n, b, k) for a, b in zip(method, reference)], dtype=float)
+    if len(diffs) == 0:
+        return math.nan, math.nan
+    se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
+    return float(diffs.mean()), se
+
+
+def _pass_at_k_comparison(summaries: list[MethodSummary], reference: str, n: int) -> list[str]:
+    base = next((s for s in summaries if s.name == reference), None)
+    if base is None or not base.num_correct_per_problem:
+        return [f"No `{reference}` results to compare pass@k against."]
+    ks = sorted(base.pass_at_k)
+    lines = [f"Each method minus `{reference}`, problem by problem (same problems, same seeds); ± is the paired "
+             "standard error over problems. wins / losses: problems with more / fewer correct samples.", "",
+             "| method | " + " | ".join(f"Δ pass@{k}" for k in ks) + " | wins / losses |",
+             "|---|" + "---|" * len(ks) + "---|"]
+    for s in summaries:
+        if s.name == reference or not s.num_correct_per_problem:
+            continue
+        cells = []
+        for k in ks:
+            mean, se = paired_pass_at_k(s.num_correct_per_problem, base.num_correct_per_problem, n, k)
+            cells.append(f"{mean:+.3f} ± {_fmt(se)}")
+        wins = sum(a > b for a, b in zip(s.num_correct_per_problem, base.num_correct_per_problem))
+        losses = sum(a < b for a, b in zip(s.num_correct_per_problem, base.num_correct_per_problem))
+        lines.append(f"| `{s.name}` | " + " | ".join(cells) + f" | {wins} / {losses} |")
+    return lines
+
+
 def write_report(out_dir: str | Path) -> Path:
     """Write report.md and the PNG plots into ``out_dir``; returns the report's path."""
     out_dir = Path(out_dir)
@@ -270,7 +311,10 @@ def write_report(out_dir: str | Path) -> Path:
     graded = any(s.pass_at_k for s in summaries)
     plots = plot_all(out_dir, summaries, graded)
     ks = sorted({k for s in summaries for k in s.pass_at_k})
-    scorer = cfg.get("scorer") or f"{info['model']} (the generating model, exact token ids)"
+    if cfg.get("perplexity", True) is False:
+        scorer = "none (perplexity=false)"
+    else:
+        scorer = cfg.get("scorer") or f"{info['model']} (the generating model, exact token ids)"
     lines = [f"# Evaluation: {info['task']} on {info['model']}", "",
              f"- task `{info['task']}`, problems: {len(common)} common to all methods (of {len(info['problems'])} "
              f"selected; eval.limit={cfg.get('eval', {}).get('limit')})",
@@ -282,6 +326,9 @@ def write_report(out_dir: str | Path) -> Path:
              "embeddings), then averaged over problems", ""]
     lines += ["## Results", ""] + _table(summaries, graded) + [""]
     reference = cfg.get("eval", {}).get("reference_family", "min_p0.1")
+    if graded:
+        lines += [f"## pass@k against `{reference}`", ""] + _pass_at_k_comparison(summaries, reference, info["n"])
+        lines.append("")
     lines += ["## Fair comparison: diversity vs perplexity", ""] + _fair_comparison(summaries, reference) + [""]
     skipped = info.get("skipped") or {}
     missing = [m["name"] for m in info["methods"] if m["name"] not in {s.name for s in summaries}
@@ -321,7 +368,7 @@ def plot_all(out_dir: Path, summaries: list[MethodSummary], graded: bool) -> lis
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         paths.append(_save(fig, out_dir / "pass_at_k.png"))
-    if summaries:
+    if any(math.isfinite(s.perplexity) for s in summaries):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         families: dict[str, list[MethodSummary]] = {}
         for s in summaries:

@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from esamp_pl.evaluation.report import compare_to_curve, paired_difference_se, summarize
+import numpy as np
+
+from esamp_pl.evaluation.report import compare_to_curve, paired_difference_se, paired_pass_at_k, summarize
 
 CURVE = [(10.0, 3.0), (20.0, 5.0), (40.0, 6.0)]  # (perplexity, Vendi) of a baseline's temperature sweep
 
@@ -55,3 +57,18 @@ def test_paired_difference_se_cancels_shared_problem_difficulty():
     assert paired_difference_se([2.0, 6.0, 4.0], curve, 20.0) == pytest.approx(0.0, abs=1e-12)  # curve at +0.5
     assert paired_difference_se([2.0, 6.5, 4.0], curve, 40.0) > 0
     assert math.isnan(paired_difference_se([2.0], curve, 20.0))
+    tied = [(10.0, [1.0, 5.0, 3.0]), (10.0, [2.0, 6.0, 4.0])]  # two baseline points at the same perplexity
+    assert math.isfinite(paired_difference_se([2.0, 6.5, 4.0], tied, 10.0))
+
+
+def test_paired_pass_at_k_against_hand_computed_values():
+    # n = 4. pass@1 = c / 4; pass@2 = 1 - C(4-c, 2) / C(4, 2): c=0 -> 0, c=1 -> 0.5, c=2 -> 5/6, c>=3 -> 1.
+    method, reference = [2, 4, 1], [1, 4, 0]
+    mean1, se1 = paired_pass_at_k(method, reference, 4, 1)
+    assert mean1 == pytest.approx(1 / 6) and se1 == pytest.approx(float(np.std([0.25, 0, 0.25], ddof=1) / math.sqrt(3)))
+    diffs2 = [5 / 6 - 0.5, 0.0, 0.5 - 0.0]
+    mean2, se2 = paired_pass_at_k(method, reference, 4, 2)
+    assert mean2 == pytest.approx(sum(diffs2) / 3)
+    assert se2 == pytest.approx(float(np.std(diffs2, ddof=1) / math.sqrt(3)))
+    with pytest.raises(ValueError, match="pair the same problems"):
+        paired_pass_at_k([1], [1, 2], 4, 1)

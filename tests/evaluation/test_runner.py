@@ -88,13 +88,15 @@ def test_creative_all_methods_report_and_resume(tiny_model_dir, tmp_path):
 
 def test_humaneval_pass_at_k_with_a_separate_scorer(tiny_model_dir, tmp_path):
     out = run_evaluation(config(tiny_model_dir, tmp_path, "eval=humaneval", "eval.max_new_tokens=4",
-                                "eval.methods=[temp1.0,esamp_random]", f"scorer={tiny_model_dir}"))
+                                "eval.methods=[min_p0.1,esamp_random]", f"scorer={tiny_model_dir}"))
     records = problems(out / "results.jsonl")
     assert len(records) == 4 and all(r["num_correct"] == 0 for r in records)  # random weights pass nothing
     assert all(r["scorer"] == tiny_model_dir.name for r in records)
     assert any(s["perplexity"] for r in records for s in r["samples"])  # re-tokenized text, scored
     report = (out / "report.md").read_text()
     assert "pass@1" in report and "pass@2" in report
+    assert "## pass@k against `min_p0.1`" in report
+    assert "| `esamp_random` | +0.000 ± 0.000 | +0.000 ± 0.000 | 0 / 0 |" in report  # both solve nothing
     assert (out / "pass_at_k.png").is_file()
 
 
@@ -102,7 +104,9 @@ def test_perplexity_can_be_switched_off(tiny_model_dir, tmp_path):
     out = run_evaluation(config(tiny_model_dir, tmp_path, "eval.methods=[min_p0.1]", "perplexity=false"))
     records = problems(out / "results.jsonl")
     assert records and all(s["perplexity"] is None for r in records for s in r["samples"])
-    assert "| `min_p0.1` |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| `min_p0.1` |" in report and "perplexity scorer: none (perplexity=false)" in report
+    assert not (out / "diversity_vs_perplexity.png").exists()  # nothing to put on its x axis
 
 
 def test_resume_key_follows_the_samples_not_the_speed(tmp_path):
