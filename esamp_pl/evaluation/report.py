@@ -362,11 +362,7 @@ def plot_all(out_dir: Path, summaries: list[MethodSummary], graded: bool) -> lis
             ax.plot(ks, [s.pass_at_k[k] for k in ks], marker="o", label=s.name,
                     linestyle="-" if "@" not in s.name else "--")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("k")
-        ax.set_ylabel("pass@k")
-        ax.set_title("pass@k per method")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "k", "pass@k", "pass@k per method")
         paths.append(_save(fig, out_dir / "pass_at_k.png"))
     if any(math.isfinite(s.perplexity) for s in summaries):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -401,13 +397,18 @@ def plot_all(out_dir: Path, summaries: list[MethodSummary], graded: bool) -> lis
         fig, ax = plt.subplots(figsize=(6, 4))
         for s in learners:
             ax.plot(range(1, len(s.relative_error_curve) + 1), s.relative_error_curve, label=s.name)
-        ax.set_xlabel("decode step")
-        ax.set_ylabel("Distiller relative error ||h - f(s)||² / ||h||²")
-        ax.set_title("Distiller error during generation (mean over batches)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "decode step", "Distiller relative error ||h - f(s)||² / ||h||²",
+               "Distiller error during generation (mean over batches)")
         paths.append(_save(fig, out_dir / "distiller_error.png"))
     return paths
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _save(fig, path: Path) -> Path:
