@@ -203,7 +203,7 @@ class DecodeEngine:
         rows it cut to ``truncated``; ``for_update`` is passed on to :meth:`TestTimeAdapter.predict`.
         """
         candidates = select_candidates(logits, sampling, exact=exact)
-        if truncated is not None and candidates.keep.shape[-1] < logits.shape[-1]:
+        if truncated is not None and candidates.partial:
             truncated += candidates.keep[:, -1].sum()
         scores = candidates.logits
         if esamp is not None and not esamp.uses_distiller:

@@ -64,6 +64,8 @@ class CandidateSet:
     token_ids: torch.Tensor  # [rows, k] vocabulary ids, sorted by descending logit
     logits: torch.Tensor  # [rows, k] the LM's raw logits l of those tokens
     keep: torch.Tensor  # [rows, k] bool, the candidate set C (a prefix of each row)
+    partial: bool = False
+    "the space is narrower than what the filters could keep (vocab, or top_k): a full row may have been cut"
 
     @property
     def size(self) -> torch.Tensor:
@@ -99,16 +101,15 @@ def select_candidates(logits: torch.Tensor, params: SamplingParams, *, exact: bo
     host synchronisation); rows whose set would be larger are truncated to its top tokens.
     """
     vocab = logits.shape[-1]
-    k = min(params.max_candidates, vocab)
-    if 0 < params.top_k < k:
-        k = params.top_k
+    limit = min(vocab, params.top_k) if params.top_k > 0 else vocab  # the most tokens the filters can keep
+    k = min(params.max_candidates, limit)
     top_logits, top_ids = torch.topk(logits, k, dim=-1)
     keep = _filter_sorted(top_logits, logits, params)
-    if exact and k < vocab and bool(keep[:, -1].any()):
-        wider = min(vocab, params.top_k) if params.top_k > 0 else vocab
-        top_logits, top_ids = torch.topk(logits, wider, dim=-1)
+    if exact and k < limit and bool(keep[:, -1].any()):
+        k = limit
+        top_logits, top_ids = torch.topk(logits, k, dim=-1)
         keep = _filter_sorted(top_logits, logits, params)
-    return CandidateSet(token_ids=top_ids, logits=top_logits, keep=keep)
+    return CandidateSet(token_ids=top_ids, logits=top_logits, keep=keep, partial=k < limit)
 
 
 def fuse(lm_logits: torch.Tensor, distiller_logits: torch.Tensor, beta: float) -> torch.Tensor:

@@ -59,7 +59,16 @@ def test_min_p_keeps_the_argmax_even_when_flat_or_peaked():
 def test_inexact_mode_truncates_to_the_candidate_space():
     logits = torch.zeros(2, 100)
     cands = select_candidates(logits, SamplingParams(min_p=0.1, max_candidates=8), exact=False)
-    assert cands.keep.shape == (2, 8)
+    assert cands.keep.shape == (2, 8) and cands.partial
+
+
+def test_a_top_k_space_that_holds_every_candidate_is_not_partial():
+    logits = torch.zeros(4, 100)  # flat: every filter keeps as much as it can
+    for exact in (True, False):
+        cands = select_candidates(logits, SamplingParams(top_k=20, min_p=0.0, max_candidates=64), exact=exact)
+        assert cands.keep.shape == (4, 20) and cands.keep.all() and not cands.partial
+    wide = select_candidates(logits, SamplingParams(top_k=50, min_p=0.0, max_candidates=16), exact=True)
+    assert wide.keep.shape == (4, 50) and not wide.partial  # widened to top_k, not the vocabulary
 
 
 def test_fusion_is_the_formula_on_candidates_and_never_adds_a_token():

@@ -53,6 +53,8 @@ def test_rows_beyond_the_candidate_space_are_cut_and_counted(tiny_llama):
     assert result.truncated_rows == 6 * 6  # a flat tiny model: every row, every step (first token included)
     logits = tiny_llama(torch.tensor([PROMPTS[0]])).logits[0, -1]
     assert tokens(result)[0][0] in logits.topk(4).indices.tolist()
+    exact_top_k = SamplingParams(top_k=4, min_p=0.0, max_candidates=8)  # the space holds all top_k tokens
+    assert static.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=6, sampling=exact_top_k)).truncated_rows == 0
 
 
 def test_ignore_eos_runs_every_row_to_max_new_tokens(tiny_llama):
