@@ -17,6 +17,7 @@ and per-step costs of the ESamp extras measured on the run's shapes. Its last li
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import statistics
@@ -141,8 +142,8 @@ def _settings(cfg: DictConfig, loaded: LoadedModel) -> tuple[DecodeSettings, Dec
     on = settings_lib.with_hidden_size(settings_lib.decode_settings(cfg), loaded.model.config.hidden_size)
     if on.esamp is None or not on.esamp.uses_distiller:
         raise ValueError("the benchmark measures ESamp's cost: esamp.enabled must be true and esamp.mode esamp")
-    on = DecodeSettings(**{**on.__dict__, "ignore_eos": True})
-    off = DecodeSettings(**{**on.__dict__, "esamp": None})
+    on = dataclasses.replace(on, ignore_eos=True)
+    off = dataclasses.replace(on, esamp=None)
     return off, on
 
 

@@ -80,6 +80,12 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def standard_error(values) -> float:
+    """Standard error of the mean (sample std / sqrt(count)); nan below two values."""
+    values = np.asarray(values, dtype=float)
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
 def _nanmean(values) -> float:
     values = [v for v in values if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
     return float(np.mean(values)) if values else math.nan
@@ -127,7 +133,7 @@ def summarize(info: dict, problem_records: list[dict],
         s.vendi_per_problem = [math.nan if v is None else float(v) for v in vendis]
         s.vendi = _nanmean(vendis)
         finite = [v for v in vendis if v is not None]
-        s.vendi_se = float(np.std(finite, ddof=1) / math.sqrt(len(finite))) if len(finite) > 1 else math.nan
+        s.vendi_se = standard_error(finite)
         s.mean_cosine = _nanmean(r["diversity"].get("mean_cosine") for r in records)
         s.distinct_2 = _nanmean(r["diversity"].get("distinct_2") for r in records)
         ppl = [x["perplexity"] for x in samples if x.get("perplexity")]
@@ -235,7 +241,7 @@ def paired_difference_se(values: list[float], curve: list[tuple[float, list[floa
         at = (1 - w) * pts[j][1] + w * pts[j + 1][1]
     diffs = np.asarray(values, dtype=float) - at
     diffs = diffs[np.isfinite(diffs)]
-    return float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
+    return standard_error(diffs)
 
 
 def _fair_comparison(summaries: list[MethodSummary], reference: str) -> list[str]:
@@ -276,7 +282,7 @@ def paired_pass_at_k(method: list[int], reference: list[int], n: int, k: int) ->
     diffs = np.array([pass_at_k(n, a, k) - pass_at_k(n, b, k) for a, b in zip(method, reference)], dtype=float)
     if len(diffs) == 0:
         return math.nan, math.nan
-    se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
+    se = standard_error(diffs)
     return float(diffs.mean()), se
 
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,16 @@ def decode_settings_for(cfg: DictConfig, method: Method, hidden_size: int | None
 SAMPLE_NEUTRAL_ESAMP_KEYS = ("update_mode",)
 
 
+def _scoring_settings(cfg: DictConfig) -> dict:
+    """Scoring choices that change a record's metrics, listed only when not the default (older keys stay valid)."""
+    extra = {}
+    if cfg.get("perplexity", True) is False:
+        extra["perplexity"] = False
+    if cfg.get("embedder") is not None:
+        extra["embedder"] = str(cfg.embedder)
+    return extra
+
+
 def method_key(cfg: DictConfig, method: Method) -> str:
     """Hash of everything that decides a method's samples; records with another key are stale."""
     esamp = {k: v for k, v in method.esamp.items() if k not in SAMPLE_NEUTRAL_ESAMP_KEYS}
@@ -138,7 +148,7 @@ def method_key(cfg: DictConfig, method: Method) -> str:
                        "batch_prompts": cfg.eval.batch_prompts, "sampling": method.sampling,
                        "esamp": esamp if method.uses_esamp else {"enabled": False},
                        "distiller": OmegaConf.to_container(cfg.distiller, resolve=True) if method.uses_esamp
-                       else None, "scorer": cfg.scorer}, sort_keys=True, default=str)
+                       else None, "scorer": cfg.scorer, **_scoring_settings(cfg)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -246,7 +256,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
                             "methods": [{**asdict(m), "key": keys[m.name]} for m in methods], "skipped": {}}
     _write_info(out_dir, info)  # first, so that a report can be drawn from an interrupted run
     if cfg.get("generate", True) and any(todo.values()):
-        _generate_all(cfg, methods, keys, todo, problems, results_path, info)
+        _generate_all(cfg, model_spec, methods, keys, todo, problems, results_path, info)
     else:
         info["skipped"] = {m.name: reason for m in methods if todo[m.name] and (reason := _unavailable(m, model_spec))}
     _write_info(out_dir, info)
@@ -272,15 +282,14 @@ def _unavailable(method: Method, model_spec: ModelSpec) -> str | None:
     return None
 
 
-def _generate_all(cfg, methods, keys, todo, problems, results_path, info) -> None:
+def _generate_all(cfg, model_spec: ModelSpec, methods, keys, todo, problems, results_path, info) -> None:
     from esamp_pl.checkpoint import CheckpointError
     from esamp_pl.generation import build_engine, initial_distiller_state
 
     settings_lib.apply_threads(cfg.get("threads"))
-    model_spec = ModelSpec.from_config(cfg.model)
     loaded = load_model(model_spec, device=cfg.device)
     hidden = loaded.model.config.hidden_size
-    engine = build_engine(loaded, check_engine(cfg.get("engine", "eager")))
+    engine = build_engine(loaded, cfg.get("engine", "eager"), cuda_graphs=cfg.get("cuda_graphs", True))
     if not cfg.get("perplexity", True):
         scorer = None
     elif cfg.scorer is None:
@@ -330,12 +339,10 @@ def _generate_all(cfg, methods, keys, todo, problems, results_path, info) -> Non
 def _run_batch(cfg, engine, loaded, scorer, embedder, method: Method, key: str, decode: DecodeSettings,
                initial, batch: list[Problem], batch_index: int, index: dict, missing: set) -> list[dict]:
     """Decode one batch of problems, then grade and score it; the JSON lines to append."""
-    import dataclasses
-
     tokenizer = loaded.tokenizer
     prompt_ids = encode_prompts(tokenizer, [p.prompt for p in batch], chat_template=loaded.spec.chat_template,
                                 max_context=loaded.max_context, max_new_tokens=decode.max_new_tokens)
-    settings = dataclasses.replace(decode, seed=cfg.seed + batch_index)
+    settings = replace(decode, seed=cfg.seed + batch_index)
     result = engine.generate(prompt_ids, settings, initial_state=initial)
     common = {"method": method.name, "family": method.family, "key": key, "task": cfg.eval.task,
               "model": loaded.spec.name, "n": cfg.n, "seed": settings.seed, "max_new_tokens": decode.max_new_tokens}

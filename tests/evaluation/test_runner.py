@@ -120,6 +120,7 @@ def test_resume_key_follows_the_samples_not_the_speed(tmp_path):
     assert key("threads=1", "engine=static") == base
     assert key("esamp.optimizer.lr=0.001") != base  # the method keeps the base group's optimizer
     assert key("seed=1") != base and key("distiller.rank=32") != base
+    assert key("perplexity=false") != base and key("embedder=/some/other/embedder") != base  # other metrics
 
 
 @pytest.mark.parametrize("override, message", [
