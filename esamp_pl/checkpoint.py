@@ -192,9 +192,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
 
 
 def validate_checkpoint(meta: CheckpointMeta, *, model_fingerprint: str, sites: str, spec: DistillerSpec,
-                        path: str | Path = "checkpoint") -> None:
-    """Check a checkpoint fits the running model, sites and Distiller; name expected vs found if not."""
-    hint = PRETRAIN_HINT.format(model=meta.model_name, sites=sites, rank=spec.rank)
+                        path: str | Path = "checkpoint", model_name: str | None = None) -> None:
+    """Check a checkpoint fits the running model, sites and Distiller; name expected vs found if not.
+
+    ``model_name`` is the running model's config name, for the fix (pre-train one for *this* model).
+    """
+    hint = PRETRAIN_HINT.format(model=model_name or meta.model_name, sites=sites, rank=spec.rank)
     problems = []
     if meta.hidden_size != spec.hidden_size:
         problems.append(f"hidden size: expected {spec.hidden_size}, found {meta.hidden_size}")

@@ -59,6 +59,7 @@ def initial_distiller_state(kind: str, *, loaded_model: "LoadedModel", sites: Si
         loaded_model.spec.name, preset, checkpoints_dir, spec=distiller_spec)
     state, meta = load_checkpoint(path)
     validate_checkpoint(meta, model_fingerprint=loaded_model.fingerprint, sites=preset, spec=distiller_spec,
+                        model_name=loaded_model.spec.name,
                         path=path)
     check_state_shapes(state, distiller_spec, path)
     log.info("warm start from %s (pre-trained %d steps, val_mse %s)", path, meta.steps,

@@ -15,14 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 from esamp_pl.adapter import AdapterSpec
 from esamp_pl.distiller import DistillerSpec
 from esamp_pl.engine import DecodeSettings, ESampSettings
+from esamp_pl.init import INIT_KINDS
 from esamp_pl.optim import AdamSpec
 from esamp_pl.sampling import SamplingParams
 
-INITS = ("random", "warm", "svd")
+INITS = INIT_KINDS
 _UNKNOWN_HIDDEN = 1  # placeholder until the model is loaded
 
 
-def _plain(cfg: Any) -> dict:
+def to_plain(cfg: Any) -> dict:
+    """A config node as plain Python containers (interpolations resolved), e.g. to hash or save it."""
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
@@ -35,11 +37,11 @@ def _build(cls, values: dict, section: str):
 
 
 def sampling_params(cfg: Any) -> SamplingParams:
-    return _build(SamplingParams, _plain(cfg), "sampling")
+    return _build(SamplingParams, to_plain(cfg), "sampling")
 
 
 def distiller_spec(cfg: Any, hidden_size: int = _UNKNOWN_HIDDEN) -> DistillerSpec:
-    return _build(DistillerSpec, {**_plain(cfg), "hidden_size": hidden_size}, "distiller")
+    return _build(DistillerSpec, {**to_plain(cfg), "hidden_size": hidden_size}, "distiller")
 
 
 def esamp_init(esamp_cfg: Any) -> str:
@@ -52,7 +54,7 @@ def esamp_init(esamp_cfg: Any) -> str:
 
 def esamp_settings(esamp_cfg: Any, distiller_cfg: Any, hidden_size: int = _UNKNOWN_HIDDEN) -> ESampSettings | None:
     """ESamp settings, or None when ``esamp.enabled`` is false (plain sampling)."""
-    values = _plain(esamp_cfg)
+    values = to_plain(esamp_cfg)
     if not values.pop("enabled", True):
         return None
     optimizer = values.pop("optimizer", {}) or {}

@@ -121,8 +121,9 @@ def test_missing_file_names_the_fix(tmp_path):
 def test_mismatch_names_expected_and_found(tiny_llama, change, expected):
     meta = dataclasses.replace(meta_for(tiny_llama), **change)
     with pytest.raises(CheckpointMismatchError, match=expected) as info:
-        validate_checkpoint(meta, model_fingerprint=model_fingerprint(tiny_llama.config), sites="paper", spec=SPEC)
-    assert "pretrain_distiller.py" in str(info.value)
+        validate_checkpoint(meta, model_fingerprint=model_fingerprint(tiny_llama.config), sites="paper", spec=SPEC,
+                            model_name="running-model")
+    assert "pretrain_distiller.py model=running-model " in str(info.value)
 
 
 def test_find_checkpoint(tmp_path, saved):

@@ -31,7 +31,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from esamp_pl import settings as settings_lib
 from esamp_pl.checkpoint import CheckpointMeta, checkpoint_filename, default_checkpoints_dir, save_checkpoint
@@ -45,10 +45,6 @@ from esamp_pl.sites import SitePair
 
 log = logging.getLogger(__name__)
 GPU_ACCELERATORS = ("gpu", "cuda")
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def extract_device(cfg: DictConfig) -> str:
@@ -75,9 +71,9 @@ def run_dir_for(cfg: DictConfig, model_spec: ModelSpec, distiller: dict[str, Any
     """The folder of this run's Lightning checkpoints and logs (stable across restarts)."""
     if cfg.get("run_dir"):
         return Path(cfg.run_dir).expanduser()
-    identity = {"model": dataclasses.asdict(model_spec), "data": _plain(cfg.data), "distiller": distiller,
-                "optimizer": _plain(cfg.optimizer), "warmup_steps": cfg.warmup_steps,
-                "min_lr_ratio": cfg.min_lr_ratio, "seed": cfg.seed}
+    identity = {"model": dataclasses.asdict(model_spec), "data": settings_lib.to_plain(cfg.data),
+                "distiller": distiller, "optimizer": settings_lib.to_plain(cfg.optimizer),
+                "warmup_steps": cfg.warmup_steps, "min_lr_ratio": cfg.min_lr_ratio, "seed": cfg.seed}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return cache_root() / "pretrain" / model_spec.name / f"{model_spec.sites}-r{distiller['rank']}-{key}"
 
@@ -125,8 +121,8 @@ def run_pretraining(cfg: DictConfig, *, callbacks: Sequence[Callback] = (),
     load = load or partial(load_model, model_spec, device=device)
     datamodule = PairDataModule(partial(prepare_pairs, load, data, sites, device, float(cfg.max_cpu_params)),
                                 data, run_dir)
-    module = DistillerModule(distiller=distiller, optimizer=_plain(cfg.optimizer), warmup_steps=cfg.warmup_steps,
-                             min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed)
+    module = DistillerModule(distiller=distiller, optimizer=settings_lib.to_plain(cfg.optimizer),
+                             warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed)
     lightning_dir = run_dir / "lightning"
     trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs"),
@@ -162,7 +158,7 @@ def export(cfg: DictConfig, cache: PairCache, spec: DistillerSpec, state: dict[s
     manifest = cache.manifest
     folder = Path(cfg.checkpoints_dir).expanduser() if cfg.get("checkpoints_dir") else default_checkpoints_dir()
     path = folder / manifest["model_name"] / checkpoint_filename(manifest["sites"], spec)
-    training = {"optimizer": _plain(cfg.optimizer), "batch_size": cfg.data.batch_size,
+    training = {"optimizer": settings_lib.to_plain(cfg.optimizer), "batch_size": cfg.data.batch_size,
                 "warmup_steps": cfg.warmup_steps, "min_lr_ratio": cfg.min_lr_ratio, "seed": cfg.seed,
                 "devices": trainer.world_size, "precision": str(trainer.precision), "train_rows": len(
                     trainer.datamodule.train_rows) if trainer.datamodule else None}
