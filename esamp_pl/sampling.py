@@ -7,10 +7,16 @@ re-weights C with ``(1 + beta) * l - beta * d`` (spec Eq. 7), then samples from
 ``softmax(new / T)`` over C (greedy: argmax of ``new`` over C).
 
 Every filter keeps the highest-logit tokens, so C is always a prefix of the tokens sorted by the
-LM's logits. The work therefore happens in a small *candidate space*: the top ``max_candidates``
-tokens by logit, which is exact whenever C fits in it. When C is larger for some row, the space
-is widened to the whole vocabulary (a full sort) for that step, so results stay exact; the
-fixed-shape decode path may instead truncate and count such rows.
+LM's logits. The work therefore happens in a *candidate space*, the top tokens by logit:
+
+* widened on demand (``exact=True``, the eager engine and any CPU run): the top ``max_candidates``
+  first, the whole vocabulary for a step where C does not fit (one host read);
+* sized from the configuration (``exact=False``, fixed shapes for CUDA graphs, no host read):
+  ``top_k + TIE_ROOM`` tokens when top-k bounds C, else the whole vocabulary (no other filter
+  bounds C: a flat distribution keeps every token under min-p or top-p). Only more than
+  ``TIE_ROOM`` tokens tied with the k-th logit can overflow it; such rows are counted.
+
+top-k keeps every token tied with the k-th logit, as Hugging Face's ``TopKLogitsWarper`` does.
 
 Sampling is inverse-CDF over the candidate probabilities (in vocabulary order) with one uniform number
 per row, which avoids ``torch.multinomial`` over the full vocabulary (tens of ms per step on a CPU).
@@ -22,6 +28,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+TIE_ROOM = 64
+"slots beyond top_k in a configuration-sized candidate space, for tokens tied with the k-th logit"
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,7 @@ class SamplingParams:
     min_p: float = 0.1
     "keep tokens whose probability is at least min_p times the top token's; 0 disables"
     max_candidates: int = 64
-    "size of the candidate space searched first; a larger candidate set widens it (exact)"
+    "size of the candidate space searched first by the widening path; a larger candidate set widens it (exact)"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -65,7 +74,7 @@ class CandidateSet:
     logits: torch.Tensor  # [rows, k] the LM's raw logits l of those tokens
     keep: torch.Tensor  # [rows, k] bool, the candidate set C (a prefix of each row)
     partial: bool = False
-    "the space is narrower than what the filters could keep (vocab, or top_k): a full row may have been cut"
+    "the space is narrower than the vocabulary: a row that fills it may have been cut"
 
     @property
     def size(self) -> torch.Tensor:
@@ -76,10 +85,10 @@ def _filter_sorted(sorted_logits: torch.Tensor, full_logits: torch.Tensor, param
     """Candidate mask over logits sorted in descending order (columns = rank)."""
     temperature = params.temperature if params.temperature > 0 else 1.0
     scaled = sorted_logits.float() / temperature
-    rank = torch.arange(scaled.shape[-1], device=scaled.device)
     keep = torch.ones_like(scaled, dtype=torch.bool)
-    if params.top_k > 0:
-        keep &= rank < params.top_k
+    if 0 < params.top_k < scaled.shape[-1]:
+        # Hugging Face's rule: drop what is below the k-th logit, so tokens tied with it stay.
+        keep &= scaled >= scaled[:, params.top_k - 1:params.top_k]
     if params.top_p < 1.0:
         if params.top_k > 0:
             normaliser = torch.logsumexp(scaled.masked_fill(~keep, -math.inf), dim=-1, keepdim=True)
@@ -94,22 +103,31 @@ def _filter_sorted(sorted_logits: torch.Tensor, full_logits: torch.Tensor, param
     return keep
 
 
+def fixed_space_size(params: SamplingParams, vocab: int) -> int:
+    """Width of the configuration-sized candidate space (``select_candidates(exact=False)``)."""
+    return min(vocab, params.top_k + TIE_ROOM) if params.top_k > 0 else vocab
+
+
 def select_candidates(logits: torch.Tensor, params: SamplingParams, *, exact: bool = True) -> CandidateSet:
     """Apply the filters to ``logits`` ([rows, vocab]) and return the candidate set.
 
-    ``exact=False`` never widens the candidate space beyond ``max_candidates`` (fixed shapes, no
-    host synchronisation); rows whose set would be larger are truncated to its top tokens.
+    ``exact=True`` widens the space to the vocabulary when some row fills it (one host read);
+    ``exact=False`` uses the space sized from the configuration (:func:`fixed_space_size`: fixed
+    shapes, no host synchronisation).
     """
     vocab = logits.shape[-1]
-    limit = min(vocab, params.top_k) if params.top_k > 0 else vocab  # the most tokens the filters can keep
-    k = min(params.max_candidates, limit)
+    if exact:
+        # top_k + 1: one slot past the k-th shows whether a tie with it runs on.
+        k = min(vocab, max(params.max_candidates, params.top_k + 1 if params.top_k > 0 else 0))
+    else:
+        k = fixed_space_size(params, vocab)
     top_logits, top_ids = torch.topk(logits, k, dim=-1)
     keep = _filter_sorted(top_logits, logits, params)
-    if exact and k < limit and bool(keep[:, -1].any()):
-        k = limit
+    if exact and k < vocab and bool(keep[:, -1].any()):
+        k = vocab
         top_logits, top_ids = torch.topk(logits, k, dim=-1)
         keep = _filter_sorted(top_logits, logits, params)
-    return CandidateSet(token_ids=top_ids, logits=top_logits, keep=keep, partial=k < limit)
+    return CandidateSet(token_ids=top_ids, logits=top_logits, keep=keep, partial=k < vocab)
 
 
 def fuse(lm_logits: torch.Tensor, distiller_logits: torch.Tensor, beta: float) -> torch.Tensor:
@@ -141,6 +159,12 @@ def sample_from_candidates(candidates: CandidateSet, scores: torch.Tensor, param
         probs = torch.softmax(masked / params.temperature, dim=-1).gather(1, by_id)
         cdf = torch.cumsum(probs, dim=-1)
         threshold = uniform.unsqueeze(-1) * cdf[:, -1:]
-        position = (cdf < threshold).sum(dim=-1, keepdim=True).clamp(max=scores.shape[-1] - 1)
+        # The first token whose CDF passes the threshold: its CDF rose, so it has positive probability (a
+        # uniform of 0 cannot pick a dropped token). Rounding that lifts the threshold to the total falls back
+        # to the last token with positive probability.
+        position = (cdf <= threshold).sum(dim=-1, keepdim=True)
+        order = torch.arange(probs.shape[-1], device=probs.device)
+        last_positive = torch.where(probs > 0, order, 0).amax(dim=-1, keepdim=True)
+        position = torch.minimum(position, last_positive)
         choice = by_id.gather(1, position).squeeze(-1)
     return candidates.token_ids.gather(1, choice.unsqueeze(-1)).squeeze(-1)

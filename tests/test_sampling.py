@@ -5,7 +5,7 @@ import torch
 from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from esamp_pl.sampling import SamplingParams, fuse, sample_from_candidates, select_candidates
+from esamp_pl.sampling import TIE_ROOM, SamplingParams, fuse, sample_from_candidates, select_candidates
 
 
 def hf_candidates(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -56,19 +56,23 @@ def test_min_p_keeps_the_argmax_even_when_flat_or_peaked():
     assert mask[torch.arange(2), logits.argmax(-1)].all()
 
 
-def test_inexact_mode_truncates_to_the_candidate_space():
-    logits = torch.zeros(2, 100)
+def test_the_fixed_space_is_the_vocabulary_unless_top_k_bounds_the_set():
+    logits = torch.zeros(2, 100)  # flat: min-p keeps every token
     cands = select_candidates(logits, SamplingParams(min_p=0.1, max_candidates=8), exact=False)
-    assert cands.keep.shape == (2, 8) and cands.partial
+    assert cands.keep.shape == (2, 100) and cands.keep.all() and not cands.partial
+    peaked = torch.arange(200.0).flip(0).repeat(4, 1)  # no ties: top_k bounds the set
+    top_k = select_candidates(peaked, SamplingParams(top_k=20, min_p=0.0), exact=False)
+    assert top_k.keep.shape == (4, 20 + TIE_ROOM) and (top_k.size == 20).all()
+    assert not top_k.keep[:, -1].any()  # the space was not filled: nothing was cut
 
 
-def test_a_top_k_space_that_holds_every_candidate_is_not_partial():
-    logits = torch.zeros(4, 100)  # flat: every filter keeps as much as it can
-    for exact in (True, False):
-        cands = select_candidates(logits, SamplingParams(top_k=20, min_p=0.0, max_candidates=64), exact=exact)
-        assert cands.keep.shape == (4, 20) and cands.keep.all() and not cands.partial
-    wide = select_candidates(logits, SamplingParams(top_k=50, min_p=0.0, max_candidates=16), exact=True)
-    assert wide.keep.shape == (4, 50) and not wide.partial  # widened to top_k, not the vocabulary
+def test_a_tie_that_fills_the_fixed_space_is_flagged_and_the_widening_path_keeps_it_all():
+    logits = torch.zeros(4, 200)  # every token ties with the k-th
+    params = SamplingParams(top_k=20, min_p=0.0, max_candidates=16)
+    fixed = select_candidates(logits, params, exact=False)
+    assert fixed.partial and fixed.keep[:, -1].all()  # counted as truncated by the engines
+    wide = select_candidates(logits, params, exact=True)
+    assert wide.keep.shape == (4, 200) and wide.keep.all() and not wide.partial
 
 
 def test_fusion_is_the_formula_on_candidates_and_never_adds_a_token():
@@ -162,3 +166,75 @@ def test_greedy_takes_argmax_of_fused_scores_within_candidates():
 def test_bad_sampling_values_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+LARGEST_UNIFORM = 1.0 - 2.0 ** -24  # the largest float32 below 1 (torch.rand's range is [0, 1))
+
+
+def test_a_uniform_of_zero_cannot_draw_a_token_outside_the_candidate_set():
+    logits = torch.full((1, 1000), -10.0)
+    logits[0, 500] = 5.0
+    logits[0, 3] = 0.0  # a low id, 5 logits below the top: min-p 0.1 drops it
+    params = SamplingParams(min_p=0.1)
+    cands = select_candidates(logits, params)
+    assert sample_from_candidates(cands, cands.logits, params, torch.tensor([0.0])).item() == 500
+
+
+@pytest.mark.parametrize("params", [SamplingParams(min_p=0.1), SamplingParams(top_p=0.9, min_p=0.0),
+                                    SamplingParams(top_k=5, min_p=0.0, temperature=0.7),
+                                    SamplingParams(min_p=0.0, max_candidates=8)])
+@pytest.mark.parametrize("u", [0.0, LARGEST_UNIFORM])
+def test_extreme_uniforms_land_on_kept_tokens_with_positive_probability(params, u):
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 300, generator=gen) * 4
+    logits[::3, 250:] = -1e4  # rows whose top tokens have high ids and whose tail has probability 0
+    cands = select_candidates(logits, params)
+    for scores in (cands.logits, fuse(cands.logits.float(), torch.randn(cands.logits.shape, generator=gen) * 20,
+                                      beta=2.0)):
+        token = sample_from_candidates(cands, scores, params, torch.full((64,), u))
+        position = (cands.token_ids == token.unsqueeze(-1)).float().argmax(-1)
+        assert cands.keep.gather(1, position.unsqueeze(-1)).all()
+        probs = torch.softmax(scores.float().masked_fill(~cands.keep, -math.inf) / params.temperature, dim=-1)
+        assert (probs.gather(1, position.unsqueeze(-1)) > 0).all()
+
+
+def test_top_k_keeps_ties_with_the_kth_logit_like_hugging_face():
+    row = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0]])
+    for exact in (True, False):
+        cands = select_candidates(row, SamplingParams(top_k=2, min_p=0.0, max_candidates=2), exact=exact)
+        assert as_vocab_mask(cands, 6).tolist() == [[True, True, True, True, False, False]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("params", [
+    SamplingParams(top_k=1, min_p=0.0), SamplingParams(top_k=2, min_p=0.0, max_candidates=2),
+    SamplingParams(top_k=20, min_p=0.0), SamplingParams(top_k=20, top_p=0.9, min_p=0.0),
+    SamplingParams(top_k=5, min_p=0.05, max_candidates=4),
+])
+def test_top_k_on_tied_rows_matches_hugging_face(params, dtype):
+    gen = torch.Generator().manual_seed(7)
+    logits = (torch.randn(64, 400, generator=gen) * 3).round()  # whole numbers: many ties at every rank
+    logits = logits.to(dtype)
+    reference = hf_candidates(logits.float(), params)  # HF's generate warps float32 logits
+    assert (reference.sum(-1) > params.top_k).any()  # ties beyond k exercised
+    for exact in (True, False):
+        mask = as_vocab_mask(select_candidates(logits, params, exact=exact), 400)
+        if params.top_p < 1:
+            # top-p's cut may fall inside a run of tied tokens, where HF's sort and ours pick different (equally
+            # likely) members: the same count, all within the top-k set.
+            assert torch.equal(mask.sum(-1), reference.sum(-1))
+            assert not (mask & ~hf_candidates(logits.float(), SamplingParams(top_k=params.top_k, min_p=0.0))).any()
+        else:
+            assert torch.equal(mask, reference)
+    if dtype == torch.bfloat16 and params.min_p == 0 and params.top_p == 1:  # HF's warper on the bf16 tensor itself
+        assert torch.equal(hf_candidates(logits, params), reference)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(min_p=0.0), SamplingParams(min_p=0.1),
+                                    SamplingParams(top_p=0.95, min_p=0.0), SamplingParams(temperature=3.0, top_p=0.99)])
+def test_the_fixed_candidate_space_keeps_everything_the_filters_keep(params):
+    # Nearly flat (no exact ties, so top-p's cut is unambiguous): min-p and top-p keep most of the vocabulary.
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0)) * torch.tensor([[1e-3], [0.1], [0.3]])
+    fixed = select_candidates(logits, params, exact=False)
+    assert torch.equal(as_vocab_mask(fixed, 500), hf_candidates(logits, params))
+    assert not fixed.partial and (fixed.size > params.max_candidates).all()
