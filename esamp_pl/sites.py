@@ -125,7 +125,8 @@ class OutputHead:
     """The LM's frozen output head, applied to any hidden state, on all tokens or a subset.
 
     Projecting only the candidate tokens' rows keeps the Distiller's logits cheap: a handful of
-    dot products per row instead of a full vocabulary matmul.
+    dot products per row instead of a full vocabulary matmul (which it falls back to for a
+    candidate set as large as the vocabulary).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -149,7 +150,14 @@ class OutputHead:
         return self._finish(out)
 
     def logits_at(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of ``token_ids`` ([rows, k]) only, for ``hidden`` of shape [rows, d]."""
+        """Logits of ``token_ids`` ([rows, k]) only, for ``hidden`` of shape [rows, d].
+
+        When the candidates would copy at least a whole head's worth of rows (``rows * k >= vocab``,
+        e.g. no filter: every token is a candidate), the dense matmul is cheaper and never builds a
+        [rows, k, d] tensor (gigabytes for a large vocabulary); the choice depends on shapes only.
+        """
+        if token_ids.numel() >= self.weight.shape[0]:
+            return self.logits(hidden).gather(1, token_ids)
         # index_select rather than advanced indexing, and [1, d] x [d, k] per row rather than [k, d] x [d, 1]:
         # the same dot products, ~10x faster on a CPU (BLAS has no fast batched matrix-vector path).
         rows = self.weight.index_select(0, token_ids.reshape(-1)).view(*token_ids.shape, -1)  # [rows, k, d]

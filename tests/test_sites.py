@@ -60,3 +60,24 @@ def test_capture_removes_its_hooks(tiny_llama):
 def test_unknown_site_preset_is_rejected():
     with pytest.raises(ValueError, match="unknown site preset 'deep'"):
         SitePair("deep")
+
+
+@torch.no_grad()
+def test_logits_on_a_vocabulary_wide_candidate_set_use_the_dense_head(tiny_llama, monkeypatch):
+    """ESamp without a filter: the candidates are the whole vocabulary; no [rows, vocab, hidden] gather."""
+    head = OutputHead(tiny_llama)
+    hidden = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    ids = torch.stack([torch.randperm(256, generator=torch.Generator().manual_seed(r)) for r in range(4)])
+    largest = []
+    original = torch.Tensor.index_select
+
+    def spy(tensor, *args, **kwargs):
+        out = original(tensor, *args, **kwargs)
+        largest.append(out.numel())
+        return out
+    monkeypatch.setattr(torch.Tensor, "index_select", spy)
+    dense = head.logits(hidden)
+    torch.testing.assert_close(head.logits_at(hidden, ids), dense.gather(1, ids), rtol=0, atol=0)
+    assert max(largest, default=0) < 4 * 256 * 64
+    few = ids[:, :3]  # a small candidate set still takes only its rows of the head
+    torch.testing.assert_close(head.logits_at(hidden, few), dense.gather(1, few), rtol=1e-5, atol=1e-5)
