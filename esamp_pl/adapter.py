@@ -37,7 +37,8 @@ class AdapterSpec:
     scope: str = "per_prompt"
     "per_prompt: one Distiller shared by a prompt's n samples (paper); shared: one for the whole batch"
     rows_trained: str = "all"
-    "all: every unfinished sample trains its prompt's Distiller; first: only sample 0 (reference fast mode)"
+    "all: every unfinished sample trains its prompt's Distiller; first: only the first unfinished sample of each\
+ prompt (the reference code's fast mode)"
     learn: bool = True
     "False freezes the Distillers (a control that isolates online learning)"
     update_mode: str = "async"
@@ -59,11 +60,12 @@ class AdapterStats:
     updates: int
     "Distiller optimizer steps performed (one per Distiller per step it had rows to learn from)"
     skipped_nonfinite: int
-    "Distiller steps skipped because a loss or hidden state was not finite"
+    "Distiller steps skipped because none of its rows had finite states, or its gradient was not finite"
     loss_per_step: list[float]
-    "mean ||h - f(s)||^2 over the trained rows, per decode step (before that step's update)"
+    "mean ||h - f(s)||^2 over the trained finite rows, per decode step (before that step's update); NaN for a\
+ step with no such row (nothing was measured)"
     relative_error_per_step: list[float]
-    "sum ||h - f(s)||^2 / sum ||h||^2 over the trained rows, per decode step"
+    "sum ||h - f(s)||^2 / sum ||h||^2 over the trained finite rows, per decode step; NaN as above"
 
 
 class TestTimeAdapter:
@@ -84,9 +86,6 @@ class TestTimeAdapter:
         self.bank = DistillerBank(spec.distiller, num_distillers, device=device, generator=generator)
         self.optimizer = BankAdam(list(self.bank.parameters()), spec.optimizer)
         self._grad = DistillerGrad(self.bank)
-        sample_index = torch.arange(self.rows, device=device) % samples_per_prompt
-        self.trainable_rows = sample_index == 0 if spec.rows_trained == "first" else torch.ones_like(
-            sample_index, dtype=torch.bool)
         self._pending: tuple[torch.Tensor, tuple | None, torch.Tensor] | None = None
         self.updates = torch.zeros((), dtype=torch.long, device=device)
         self.skipped = torch.zeros((), dtype=torch.long, device=device)
@@ -94,6 +93,13 @@ class TestTimeAdapter:
         self._history: list[torch.Tensor] = []
         self._history_buffer = None if max_steps is None else torch.zeros(max_steps, 2, device=device)
         self._history_len = torch.zeros(1, dtype=torch.long, device=device)
+
+    def _trained_rows(self, active_rows: torch.Tensor) -> torch.Tensor:
+        """The rows that train this step: every active row, or (``first``) each prompt's first active one."""
+        if self.spec.rows_trained == "all":
+            return active_rows
+        per_prompt = active_rows.view(self.num_prompts, self.samples_per_prompt)
+        return (per_prompt & (per_prompt.cumsum(-1) == 1)).view(-1)
 
     def _grouped(self, rows: torch.Tensor) -> torch.Tensor:
         """[rows, ...] -> [num_distillers, rows per Distiller, ...] (rows are prompt-major)."""
@@ -159,34 +165,36 @@ class TestTimeAdapter:
 
     @torch.no_grad()
     def _update(self, prediction, saved, finite_source, target, active_rows) -> None:
+        # A row whose states (or error) are not finite is dropped; its Distiller learns from its other rows.
         target = target.float()
-        rows = active_rows & self.trainable_rows
+        rows = self._trained_rows(active_rows)
         finite_row = torch.isfinite(target).all(-1) & finite_source
         target = target.masked_fill(~finite_row.unsqueeze(-1), 0.0)
         error = prediction - target
         sq_error = error.pow(2).sum(-1)
-        finite_row &= torch.isfinite(sq_error)
-        valid = rows & finite_row
+        valid = rows & finite_row & torch.isfinite(sq_error)
+        error = error.masked_fill(~valid.unsqueeze(-1), 0.0)
         safe_error = torch.where(valid, sq_error, 0.0)
-        rows_per_distiller = self._grouped(rows).sum(-1)
-        error_per_distiller = self._grouped(safe_error).sum(-1)
-        has_rows = rows_per_distiller > 0
-        all_finite = self._grouped(finite_row | ~rows).all(-1)
-        learn_mask = has_rows & all_finite
+        valid_per_distiller = self._grouped(valid).sum(-1)
+        has_rows = self._grouped(rows).any(-1)
+        learn_mask = valid_per_distiller > 0
 
-        total_error = error_per_distiller.sum()
+        # Nothing measured (no finite trained row) is NaN, never 0.0, which would read as a perfect Distiller.
+        count = valid.sum()
+        total_error = safe_error.sum()
         target_norm = torch.where(valid, target.pow(2).sum(-1), 0.0).sum().clamp(min=1e-12)
-        self._record(torch.stack([total_error / rows_per_distiller.sum().clamp(min=1), total_error / target_norm]))
+        measured = torch.stack([total_error / count.clamp(min=1), total_error / target_norm])
+        self._record(torch.where(count > 0, measured, torch.full_like(measured, float("nan"))))
 
         if not self.spec.learn:
-            self.skipped += (has_rows & ~all_finite).sum()
+            self.skipped += (has_rows & ~learn_mask).sum()
             return
         # d(sum over Distillers of their mean squared error) / d prediction: 2 (f(s) - h) / rows, on valid rows.
-        row_weight = self._grouped(valid) * (2.0 / rows_per_distiller.clamp(min=1)).unsqueeze(-1)
+        row_weight = self._grouped(valid) * (2.0 / valid_per_distiller.clamp(min=1)).unsqueeze(-1)
         grads = self._grad.backward(saved, self._grouped(error) * row_weight.unsqueeze(-1))
         stepped = self.optimizer.step(grads, learn_mask)
         self.updates += stepped.sum()
-        self.skipped += (has_rows & ~stepped).sum()  # non-finite states, or a non-finite gradient
+        self.skipped += (has_rows & ~stepped).sum()  # no finite row, or a non-finite gradient
 
     def _record(self, values: torch.Tensor) -> None:
         if self._history_buffer is None:

@@ -45,8 +45,10 @@ class ESampSettings:
     "esamp: (1 + beta) l - beta d; sharpen_only: (1 + beta) l, no Distiller (a control for the sharpening)"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and self.beta == self.beta):
-            raise ValueError(f"esamp.beta must be a float >= 0 (paper default 0.25), but is {self.beta}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not (
+                math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"esamp.beta must be a finite float >= 0 (0 = plain sampling, paper default 0.25), "
+                             f"but is {self.beta!r}")
         if self.mode not in FUSION_MODES:
             raise ValueError(f"esamp.mode must be one of {FUSION_MODES}, but is {self.mode!r}")
 
@@ -85,7 +87,8 @@ class SampleResult:
     token_ids: list[int]
     "generated tokens, without the stop token"
     finish_reason: str
-    "'stop' (a stop token was sampled) or 'length' (max_new_tokens reached)"
+    "'stop' (a stop token was sampled), 'length' (max_new_tokens reached) or 'nonfinite' (the LM's logits were\
+ NaN/inf: the row ended there, ``token_ids`` are the tokens before)"
     logprob_sum: float = 0.0
     "sum over ``token_ids`` of log p(token) under the LM's own distribution (T = 1, no filter, no ESamp)"
 
@@ -111,7 +114,10 @@ class GenerationResult:
     "decode steps run (the first token, from the prefill, not counted)"
     adapter_stats: AdapterStats | None
     truncated_rows: int = 0
-    "row-steps whose candidate set was cut to max_candidates (fixed-shape engine only; 0 = exact)"
+    "row-steps whose candidate set overflowed the fixed candidate space (more ties with the k-th logit than it has\
+ room for; CUDA static engine only); 0 = every step sampled exactly what the filters keep"
+    nonfinite_rows: int = 0
+    "rows ended early because the LM's logits were not finite (finish_reason 'nonfinite')"
     mode: str = "eager"
     "the decode path that ran (engine, CUDA graphs or not, update mode)"
 
@@ -153,6 +159,8 @@ class DecodeState:
     "[rows] the row keeps no more tokens"
     logprob_sums: torch.Tensor
     "[rows] float32: sum of the kept tokens' log-probabilities under the LM (its perplexity for free)"
+    nonfinite: torch.Tensor
+    "[rows] the LM's logits were not finite: the row ended there without keeping the token"
 
     @classmethod
     def empty(cls, rows: int, max_new_tokens: int, pad_token_id: int, device) -> "DecodeState":
@@ -160,20 +168,25 @@ class DecodeState:
                    lengths=torch.zeros(rows, dtype=torch.long, device=device),
                    stopped=torch.zeros(rows, dtype=torch.bool, device=device),
                    finished=torch.zeros(rows, dtype=torch.bool, device=device),
-                   logprob_sums=torch.zeros(rows, dtype=torch.float32, device=device))
+                   logprob_sums=torch.zeros(rows, dtype=torch.float32, device=device),
+                   nonfinite=torch.zeros(rows, dtype=torch.bool, device=device))
 
     def record(self, token: torch.Tensor, column: torch.Tensor, stop_token_ids: torch.Tensor, pad_token_id: int,
                logits: torch.Tensor) -> None:
         """Keep ``token`` in ``column`` ([1], a device index) for rows still running; a stop token ends its
         row without being kept. ``logits`` are the LM's for this position (the kept token's log-probability is
-        summed). In place, no host synchronisation."""
-        is_stop = torch.isin(token, stop_token_ids)
-        keep = ~self.finished & ~is_stop
+        summed); a row whose logits are not finite (its log-probability is then NaN or inf) ends there too,
+        flagged ``nonfinite``, rather than keep a token drawn from garbage. In place, no host synchronisation."""
+        logprob = token_logprob(logits, token)
+        broken = ~torch.isfinite(logprob)
+        is_stop = torch.isin(token, stop_token_ids) & ~broken
+        keep = ~self.finished & ~is_stop & ~broken
         self.generated.index_copy_(1, column, token.masked_fill(~keep, pad_token_id).unsqueeze(1))
         self.lengths += keep
-        self.logprob_sums += token_logprob(logits, token).masked_fill(~keep, 0.0)
+        self.logprob_sums += logprob.masked_fill(~keep, 0.0)
         self.stopped |= ~self.finished & is_stop
-        self.finished |= is_stop
+        self.nonfinite |= ~self.finished & broken
+        self.finished |= is_stop | broken
 
 
 class DecodeEngine:
@@ -199,8 +212,9 @@ class DecodeEngine:
                 truncated: torch.Tensor | None = None) -> torch.Tensor:
         """Filter, fuse (when ESamp is on) and sample one token per row.
 
-        ``exact=False`` keeps the candidate space at ``max_candidates`` (fixed shapes) and adds the
-        rows it cut to ``truncated``; ``for_update`` is passed on to :meth:`TestTimeAdapter.predict`.
+        ``exact=False`` uses the candidate space sized from the configuration (fixed shapes, no host
+        read) and adds the rows that filled it to ``truncated``; ``for_update`` is passed on to
+        :meth:`TestTimeAdapter.predict`.
         """
         candidates = select_candidates(logits, sampling, exact=exact)
         if truncated is not None and candidates.partial:
@@ -277,7 +291,7 @@ class DecodeEngine:
         mode = "eager" + (f", {esamp.adapter.update_mode} update" if adapter is not None else "")
         return GenerationResult(prompts=done, tokens_generated=int(state.lengths.sum()), decode_seconds=elapsed,
                                 steps=steps_run, adapter_stats=adapter.stats() if adapter is not None else None,
-                                mode=mode)
+                                nonfinite_rows=int(state.nonfinite.sum()), mode=mode)
 
     def _uniforms(self, settings: DecodeSettings, rows: int) -> torch.Tensor:
         """One uniform number per row and step, drawn up front ([max_new_tokens, rows]).
@@ -323,13 +337,14 @@ class DecodeEngine:
             generated = state.generated
             lengths_host = state.lengths.tolist()
             stopped_host = state.stopped.tolist()
+            nonfinite_host = state.nonfinite.tolist()
             logprob_sums_host = state.logprob_sums.tolist()
             for p in pending:
                 samples = []
                 for row in range(p * n, (p + 1) * n):
                     ids = generated[row, :lengths_host[row]].tolist()
-                    samples.append(SampleResult(ids, "stop" if stopped_host[row] else "length",
-                                                logprob_sums_host[row]))
+                    reason = "nonfinite" if nonfinite_host[row] else "stop" if stopped_host[row] else "length"
+                    samples.append(SampleResult(ids, reason, logprob_sums_host[row]))
                 results[p] = PromptResult(p, samples)
                 reported[p] = True
                 if on_prompt_done is not None:

@@ -9,9 +9,11 @@ waits on the host:
   max_new_tokens); finished rows stay in the batch (their tokens are not kept), so no shape changes;
 * the attention mask is one boolean row per sequence, extended in place each step and handed to
   the model as a 4-D mask (transformers then builds none);
-* candidates come from the fixed candidate space (``select_candidates(exact=False)``); a row whose
-  candidate set would be larger than ``max_candidates`` is cut to it and counted in
-  ``GenerationResult.truncated_rows`` (0 means every step was exact);
+* candidates are exactly what the filters keep. On CUDA the candidate space is sized from the
+  configuration (``select_candidates(exact=False)``: the vocabulary, or ``top_k`` plus room for
+  ties), so its shape is fixed and no host read is needed; only more ties with the k-th logit
+  than that room could be cut, and ``GenerationResult.truncated_rows`` counts them (0 = exact).
+  On a CPU, where a host read costs nothing, the space widens on demand like the eager engine's;
 * the uniform numbers of all steps are drawn up front and the step index lives on the device;
 * stop-token bookkeeping stays on the device; the host looks every ``check_every`` steps.
 
@@ -84,6 +86,9 @@ class StaticDecodeEngine(DecodeEngine):
                  cuda_graphs: bool = True) -> None:
         super().__init__(model, sites=sites, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.fixed_candidates = self.device.type == "cuda"
+        # True: the candidate space is sized from the configuration (fixed shapes, no host read; CUDA).
+        # False: it widens on demand with one host read per step (CPU, where that read is free). Same tokens.
         self.graph_failure: str | None = None
         "why CUDA graph capture failed (then every call runs eagerly); None if it did not"
         self._cached: _Program | None = None
@@ -102,7 +107,7 @@ class StaticDecodeEngine(DecodeEngine):
         uniform = prog.uniforms.index_select(0, prog.step).squeeze(0)
         for_update = prog.updater is None or prog.updater.reuses_prediction
         token = self._choose(prog.logits, settings.esamp, prog.adapter, prog.source, settings.sampling, uniform,
-                             exact=False, for_update=for_update, truncated=prog.truncated)
+                             exact=not self.fixed_candidates, for_update=for_update, truncated=prog.truncated)
         prog.input_ids.copy_(token.unsqueeze(-1))
         prog.state.record(token, prog.step, stops, self.pad_token_id, prog.logits)
         prog.step += 1
@@ -169,7 +174,7 @@ class StaticDecodeEngine(DecodeEngine):
         prog.uniforms.copy_(self._uniforms(settings, prog.uniforms.shape[1]))
         state = prog.state
         state.generated.fill_(self.pad_token_id)
-        for t in (state.lengths, state.stopped, state.finished, state.logprob_sums, prog.truncated):
+        for t in (state.lengths, state.stopped, state.finished, state.logprob_sums, state.nonfinite, prog.truncated):
             t.zero_()
         if prog.adapter is not None:
             prog.adapter.restart(torch.Generator().manual_seed(settings.seed + 1), initial_state)
@@ -256,8 +261,8 @@ class StaticDecodeEngine(DecodeEngine):
 
             reported = [False] * num_prompts
             results: list[PromptResult | None] = [None] * num_prompts
-            token = self._choose(logits, None, None, None, sampling, prog.uniforms[0], exact=False,
-                                 truncated=prog.truncated)
+            token = self._choose(logits, None, None, None, sampling, prog.uniforms[0],
+                                 exact=not self.fixed_candidates, truncated=prog.truncated)
             prog.input_ids.copy_(token.unsqueeze(-1))
             prog.state.record(token, prog.step, stops, self.pad_token_id, logits)
             prog.step += 1
@@ -284,6 +289,7 @@ class StaticDecodeEngine(DecodeEngine):
         return GenerationResult(prompts=[r for r in results if r is not None],
                                 tokens_generated=int(prog.state.lengths.sum()), decode_seconds=elapsed,
                                 steps=steps_run, adapter_stats=adapter_stats, truncated_rows=int(prog.truncated),
+                                nonfinite_rows=int(prog.state.nonfinite.sum()),
                                 mode=self._mode(prog, settings))
 
 

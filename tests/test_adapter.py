@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -62,9 +64,8 @@ def test_first_row_only_trains_on_sample_zero():
         torch.testing.assert_close(pa, pb)
 
 
-def test_non_finite_states_skip_the_update_and_never_reach_the_prediction():
-    adapter = make()
-    before = [p.detach().clone() for p in adapter.bank.parameters()]
+def test_a_non_finite_row_is_dropped_and_its_distiller_learns_from_the_others():
+    adapter, reference = make(), make()
     source = torch.randn(6, 16)
     source[4, 0] = float("nan")  # a row of prompt 1
     target = torch.randn(6, 16)
@@ -73,10 +74,41 @@ def test_non_finite_states_skip_the_update_and_never_reach_the_prediction():
     assert torch.isnan(prediction[4]).all() and torch.isfinite(prediction[[0, 1, 2, 3, 5]]).all()
     adapter.update(target, torch.ones(6, dtype=torch.bool))
     stats = adapter.stats()
-    assert stats.skipped_nonfinite == 2 and stats.updates == 0
-    for p, q in zip(adapter.bank.parameters(), before):
-        assert torch.equal(p, q) and torch.isfinite(p).all()
+    assert stats.skipped_nonfinite == 0 and stats.updates == 2
+    finite = torch.tensor([False, True, True, True, False, True])
+    clean_source = source.masked_fill(~finite.unsqueeze(-1), 0.0)
+    step(reference, clean_source, target.masked_fill(~finite.unsqueeze(-1), 0.0), finite)
+    for p, q in zip(adapter.bank.parameters(), reference.bank.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    torch.testing.assert_close(stats.loss_per_step, reference.stats().loss_per_step)
     assert all(torch.isfinite(m).all() for m in adapter.optimizer.exp_avg)
+
+
+@pytest.mark.parametrize("max_steps", [None, 4])
+def test_a_step_with_no_finite_trained_row_logs_nan_never_zero(max_steps):
+    spec = AdapterSpec(DistillerSpec(hidden_size=16, rank=8))
+    adapter = TestTimeAdapter(spec, 2, 2, generator=torch.Generator().manual_seed(0), max_steps=max_steps)
+    before = [p.detach().clone() for p in adapter.bank.parameters()]
+    target = torch.full((4, 16), float("nan"))
+    step(adapter, torch.randn(4, 16), target, torch.ones(4, dtype=torch.bool))  # every row broken
+    step(adapter, torch.randn(4, 16), torch.randn(4, 16), torch.zeros(4, dtype=torch.bool))  # every row finished
+    stats = adapter.stats()
+    assert stats.skipped_nonfinite == 2 and stats.updates == 0
+    assert len(stats.loss_per_step) == 2
+    assert all(math.isnan(x) for x in stats.loss_per_step + stats.relative_error_per_step)
+    for p, q in zip(adapter.bank.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_first_trains_the_first_unfinished_row_of_each_prompt():
+    first, reference = make(rows_trained="first"), make()
+    source, target = torch.randn(6, 16), torch.randn(6, 16)
+    active = torch.tensor([False, True, True, True, False, True])  # prompt 0's sample 0 has finished
+    step(first, source, target, active)
+    step(reference, source, target, torch.tensor([False, True, False, True, False, False]))
+    assert first.stats().updates == 2
+    for p, q in zip(first.bank.parameters(), reference.bank.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_shared_scope_has_one_distiller_for_all_rows():

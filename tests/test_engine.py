@@ -8,6 +8,7 @@ from esamp_pl.distiller import DistillerSpec
 from esamp_pl.engine import DecodeEngine, DecodeSettings, ESampSettings, left_pad
 from esamp_pl.sampling import SamplingParams
 from esamp_pl.sites import SitePair
+from esamp_pl.static_engine import ENGINES, make_engine
 from tests.conftest import tiny_model
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20]]
@@ -81,8 +82,10 @@ def test_prompts_are_reported_as_they_finish_with_all_samples(tiny_llama):
     assert result.tokens_generated == sum(len(t) for t in tokens(result))
 
 
-def test_nan_hidden_state_skips_updates_and_sampling_stays_valid(tiny_llama):
-    engine = engine_for(tiny_llama, stop=(255,))
+@pytest.mark.parametrize("kind", ENGINES)
+def test_a_non_finite_row_is_dropped_and_its_prompt_keeps_learning(tiny_llama, kind):
+    """Row 0's hidden state turns NaN: its Distiller still learns from row 1, and row 0 ends 'nonfinite'."""
+    engine = make_engine(kind, tiny_llama, sites=SitePair(), stop_token_ids=[255], pad_token_id=0)
     layer0 = tiny_llama.model.layers[0]
 
     def poison(_m, _i, output):
@@ -93,10 +96,48 @@ def test_nan_hidden_state_skips_updates_and_sampling_stays_valid(tiny_llama):
 
     handle = layer0.register_forward_hook(poison)
     try:
-        result = engine.generate([PROMPTS[0]], DecodeSettings(n=2, max_new_tokens=6, esamp=esamp()))
+        result = engine.generate([PROMPTS[0]], DecodeSettings(n=2, max_new_tokens=6, ignore_eos=True,
+                                                              esamp=esamp(update_mode="sync")))
     finally:
         handle.remove()
-    assert result.adapter_stats.skipped_nonfinite == 5 and result.adapter_stats.updates == 0
+    stats = result.adapter_stats
+    assert stats.updates == 5 and stats.skipped_nonfinite == 0
+    assert all(math.isfinite(x) for x in stats.loss_per_step + stats.relative_error_per_step)
+    poisoned, clean = result.prompts[0].samples
+    assert poisoned.finish_reason == "nonfinite" and len(poisoned.token_ids) == 1  # the prefill's token only
+    assert clean.finish_reason == "length" and len(clean.token_ids) == 6
+    assert result.nonfinite_rows == 1 and math.isfinite(poisoned.perplexity)
+
+
+def _nan_logits_after(engine, calls: int, row: int) -> None:
+    """From the (calls + 1)-th model forward on, row ``row``'s logits are NaN (the LM itself broke)."""
+    forward, seen = engine._forward, []
+
+    def broken(*args):
+        logits = forward(*args)
+        seen.append(True)
+        if len(seen) > calls:
+            logits = logits.clone()
+            logits[row] = float("nan")
+        return logits
+    engine._forward = broken
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_nan_lm_logits_end_the_row_as_nonfinite_instead_of_emitting_token_zero(tiny_llama, kind):
+    common = dict(sites=SitePair(), stop_token_ids=[2], pad_token_id=0)
+    settings = DecodeSettings(n=2, max_new_tokens=8, seed=3, ignore_eos=True, sampling=SamplingParams(min_p=0.1))
+    clean = make_engine(kind, tiny_llama, **common).generate(PROMPTS, settings)
+    engine = make_engine(kind, tiny_llama, **common)
+    _nan_logits_after(engine, calls=3, row=1)  # the prefill and two decode steps are fine
+    result = engine.generate(PROMPTS, settings)
+    got, want = tokens(result), tokens(clean)
+    assert got[1] == want[1][:3]
+    assert [t for i, t in enumerate(got) if i != 1] == [t for i, t in enumerate(want) if i != 1]
+    reasons = [s.finish_reason for p in result.prompts for s in p.samples]
+    assert reasons[1] == "nonfinite" and set(reasons[:1] + reasons[2:]) == {"length"}
+    assert result.nonfinite_rows == 1 and result.tokens_generated == clean.tokens_generated - 5
+    assert math.isfinite(result.prompts[0].samples[1].perplexity)
 
 
 def test_left_pad_and_bad_settings():
@@ -106,8 +147,9 @@ def test_left_pad_and_bad_settings():
         left_pad([[1], []], 0, "cpu")
     with pytest.raises(ValueError, match="n \\(samples per prompt\\) must be an integer >= 1, but is 0"):
         DecodeSettings(n=0)
-    with pytest.raises(ValueError, match="esamp.beta must be a float >= 0"):
-        esamp(beta=-0.1)
+    for beta in (-0.1, math.inf, math.nan, -math.inf, True):
+        with pytest.raises(ValueError, match=f"esamp.beta must be a finite float >= 0 .*, but is {beta!r}"):
+            esamp(beta=beta)
 
 
 def test_sharpen_only_control_equals_plain_sampling_at_lower_temperature(tiny_llama):

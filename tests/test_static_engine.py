@@ -1,13 +1,16 @@
 import gc
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from esamp_pl.adapter import AdapterSpec
 from esamp_pl.distiller import DistillerSpec
 from esamp_pl.engine import DecodeEngine, DecodeSettings, ESampSettings
 from esamp_pl.sampling import SamplingParams
+from esamp_pl.settings import sampling_params
 from esamp_pl.sites import SitePair
 from esamp_pl.static_engine import StaticDecodeEngine, make_engine
 from tests.conftest import tiny_model
@@ -46,15 +49,31 @@ def test_static_path_gives_the_eager_paths_tokens(tiny_lm, with_esamp):
         torch.testing.assert_close(b.adapter_stats.loss_per_step, a.adapter_stats.loss_per_step, rtol=1e-5, atol=0)
 
 
-def test_rows_beyond_the_candidate_space_are_cut_and_counted(tiny_llama):
-    eager, static = engines(tiny_llama, stops=[255])
-    settings = DecodeSettings(n=2, max_new_tokens=6, sampling=SamplingParams(min_p=0.0, max_candidates=4))
-    result = static.generate(PROMPTS, settings)
-    assert result.truncated_rows == 6 * 6  # a flat tiny model: every row, every step (first token included)
-    logits = tiny_llama(torch.tensor([PROMPTS[0]])).logits[0, -1]
-    assert tokens(result)[0][0] in logits.topk(4).indices.tolist()
-    exact_top_k = SamplingParams(top_k=4, min_p=0.0, max_candidates=8)  # the space holds all top_k tokens
-    assert static.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=6, sampling=exact_top_k)).truncated_rows == 0
+SAMPLING_FILES = sorted((Path(__file__).resolve().parents[1] / "conf" / "sampling").glob("*.yaml"))
+COMBINATIONS = {
+    "top_k": SamplingParams(top_k=5, min_p=0.0),
+    "top_k+top_p": SamplingParams(top_k=40, top_p=0.9, min_p=0.0),
+    "top_p+min_p": SamplingParams(top_p=0.8, min_p=0.05),
+    "top_k+min_p@0.7": SamplingParams(top_k=30, min_p=0.1, temperature=0.7),
+    "temperature@1.5": SamplingParams(temperature=1.5, min_p=0.0),
+    "all@1.2": SamplingParams(top_k=10, top_p=0.95, min_p=0.02, temperature=1.2),
+    "greedy": SamplingParams(temperature=0.0, min_p=0.0),
+}
+SAMPLINGS = {**{f"conf/{f.stem}": sampling_params(OmegaConf.load(f)) for f in SAMPLING_FILES}, **COMBINATIONS}
+
+
+@pytest.mark.parametrize("fixed_space", [False, True], ids=["widening", "fixed"])
+@pytest.mark.parametrize("name", sorted(SAMPLINGS))
+def test_static_engine_samples_exactly_what_the_filters_keep(tiny_llama, name, fixed_space):
+    """The static engine cuts nothing: the eager engine's tokens for every preset and filter combination, with
+    the CPU's widening space and with the fixed (configuration-sized) one that CUDA graphs use."""
+    assert len(SAMPLING_FILES) >= 3
+    eager, static = engines(tiny_llama)
+    static.fixed_candidates = fixed_space
+    settings = DecodeSettings(n=3, max_new_tokens=10, seed=4, sampling=SAMPLINGS[name], esamp=esamp())
+    a, b = eager.generate(PROMPTS, settings), static.generate(PROMPTS, settings)
+    assert tokens(a) == tokens(b)
+    assert b.truncated_rows == 0
 
 
 def test_ignore_eos_runs_every_row_to_max_new_tokens(tiny_llama):
@@ -174,6 +193,7 @@ def test_a_decode_step_never_reads_a_device_value_on_the_host(tiny_llama, monkey
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
         forbid(name)
     monkeypatch.setattr(StaticDecodeEngine, "_decode_step", guarded)
+    static.fixed_candidates = True  # the CUDA layout; on a CPU the widening space's one host read is allowed
     result = static.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=10, esamp=esamp(update_mode)))
     assert result.steps == 9 and result.adapter_stats.updates > 0
 
