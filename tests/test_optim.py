@@ -63,3 +63,39 @@ def test_a_non_finite_gradient_skips_only_its_distiller():
     assert stepped.tolist() == [True, False, True] and opt.steps.tolist() == [1.0, 0.0, 1.0]
     assert torch.equal(bank[0][1], torch.ones(4)) and torch.isfinite(bank[0]).all()
     assert not torch.equal(bank[0][0], torch.ones(4))
+
+
+def test_the_reference_preset_is_torch_adamw_without_clipping():
+    """conf/esamp/reference.yaml is the reference code's optimizer: torch.optim.AdamW's defaults at lr 1e-3."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from esamp_pl.settings import esamp_settings
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    settings = esamp_settings(OmegaConf.load(conf / "esamp" / "reference.yaml"),
+                              OmegaConf.load(conf / "distiller" / "default.yaml"), hidden_size=16)
+    spec = settings.adapter.optimizer
+    reference = torch.optim.AdamW([torch.zeros(1)], lr=1e-3).defaults
+    assert (spec.lr, spec.eps, spec.weight_decay, spec.betas) == (reference["lr"], reference["eps"],
+                                                                  reference["weight_decay"], reference["betas"])
+    assert spec.grad_clip is None and settings.adapter.rows_trained == "first"
+    torch.manual_seed(0)
+    start = [torch.randn(2, 4, 5), torch.randn(2, 5)]
+    for fused in (True, False):
+        bank = [t.clone() for t in start]
+        refs = [[t[i].clone().requires_grad_() for t in start] for i in range(2)]
+        ref_opts = [torch.optim.AdamW(r, lr=1e-3) for r in refs]
+        opt = BankAdam(bank, spec)
+        opt.fused = opt.fused and fused
+        for step in range(4):
+            grads = [torch.randn_like(t) * 100 for t in start]  # far above any clip threshold
+            opt.step(grads, torch.ones(2, dtype=torch.bool))
+            for i in range(2):
+                for r, g in zip(refs[i], grads):
+                    r.grad = g[i].clone()
+                ref_opts[i].step()
+        for i in range(2):
+            for t, r in zip(bank, refs[i]):
+                torch.testing.assert_close(t[i], r.detach(), rtol=1e-5, atol=1e-6)
