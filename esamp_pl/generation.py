@@ -75,6 +75,7 @@ def run_summary(cfg: DictConfig, result: GenerationResult | None, *, interrupted
         summary.update(engine_mode=result.mode, tokens_generated=result.tokens_generated, decode_steps=result.steps,
                        decode_seconds=round(result.decode_seconds, 3),
                        tokens_per_second=round(result.tokens_per_second, 3))
+        summary["truncated_rows"] = result.truncated_rows  # row-steps whose candidate set was cut; 0 = exact
         stats = result.adapter_stats
         if stats is not None:
             losses = stats.loss_per_step

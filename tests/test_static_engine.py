@@ -214,3 +214,12 @@ def test_a_cuda_decode_step_never_synchronises(monkeypatch):
     monkeypatch.setattr(StaticDecodeEngine, "_decode_step", guarded)
     result = static.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=10, esamp=esamp("async")))
     assert result.adapter_stats.updates > 0
+
+
+def test_the_run_summary_reports_truncated_rows(tiny_llama):
+    from esamp_pl.generation import run_summary
+
+    _, static = engines(tiny_llama)
+    result = static.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=4, sampling=SamplingParams(min_p=0.0)))
+    summary = run_summary(OmegaConf.create({}), result, interrupted=False, load_seconds=0.0)
+    assert summary["truncated_rows"] == result.truncated_rows == 0
