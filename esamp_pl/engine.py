@@ -47,7 +47,7 @@ class ESampSettings:
     def __post_init__(self) -> None:
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not (
                 math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"esamp.beta must be a finite float >= 0 (0 = plain sampling, paper default 0.25), "
+            raise ValueError(f"esamp.beta must be a float >= 0 and finite (0 = plain sampling, paper default 0.25), "
                              f"but is {self.beta!r}")
         if self.mode not in FUSION_MODES:
             raise ValueError(f"esamp.mode must be one of {FUSION_MODES}, but is {self.mode!r}")

@@ -148,7 +148,7 @@ def test_left_pad_and_bad_settings():
     with pytest.raises(ValueError, match="n \\(samples per prompt\\) must be an integer >= 1, but is 0"):
         DecodeSettings(n=0)
     for beta in (-0.1, math.inf, math.nan, -math.inf, True):
-        with pytest.raises(ValueError, match=f"esamp.beta must be a finite float >= 0 .*, but is {beta!r}"):
+        with pytest.raises(ValueError, match=f"esamp.beta must be a float >= 0 and finite .*, but is {beta!r}"):
             esamp(beta=beta)
 
 

