@@ -62,8 +62,8 @@ class AdapterStats:
     skipped_nonfinite: int
     "Distiller steps skipped because none of its rows had finite states, or its gradient was not finite"
     loss_per_step: list[float]
-    "mean ||h - f(s)||^2 over the trained finite rows, per decode step (before that step's update); NaN for a\
- step with no such row (nothing was measured)"
+    "mean ||h - f(s)||^2 over the trained finite rows, per decode step that had rows to train (before that step's\
+ update); NaN for a step whose rows were all non-finite (nothing was measured)"
     relative_error_per_step: list[float]
     "sum ||h - f(s)||^2 / sum ||h||^2 over the trained finite rows, per decode step; NaN as above"
 
@@ -89,9 +89,9 @@ class TestTimeAdapter:
         self._pending: tuple[torch.Tensor, tuple | None, torch.Tensor] | None = None
         self.updates = torch.zeros((), dtype=torch.long, device=device)
         self.skipped = torch.zeros((), dtype=torch.long, device=device)
-        # Per update: (mean squared error, relative error) of the trained rows.
+        # Per step: (mean squared error, relative error) of the trained rows, and whether any row trained.
         self._history: list[torch.Tensor] = []
-        self._history_buffer = None if max_steps is None else torch.zeros(max_steps, 2, device=device)
+        self._history_buffer = None if max_steps is None else torch.zeros(max_steps, 3, device=device)
         self._history_len = torch.zeros(1, dtype=torch.long, device=device)
 
     def _trained_rows(self, active_rows: torch.Tensor) -> torch.Tensor:
@@ -179,12 +179,14 @@ class TestTimeAdapter:
         has_rows = self._grouped(rows).any(-1)
         learn_mask = valid_per_distiller > 0
 
-        # Nothing measured (no finite trained row) is NaN, never 0.0, which would read as a perfect Distiller.
+        # Rows to train but none finite: NaN, never 0.0 (which would read as a perfect Distiller). A step with
+        # no row to train at all (every sample finished) is left out of the curves.
         count = valid.sum()
         total_error = safe_error.sum()
         target_norm = torch.where(valid, target.pow(2).sum(-1), 0.0).sum().clamp(min=1e-12)
         measured = torch.stack([total_error / count.clamp(min=1), total_error / target_norm])
-        self._record(torch.where(count > 0, measured, torch.full_like(measured, float("nan"))))
+        measured = torch.where(count > 0, measured, torch.full_like(measured, float("nan")))
+        self._record(torch.cat([measured, rows.any().to(measured.dtype).unsqueeze(0)]))
 
         if not self.spec.learn:
             self.skipped += (has_rows & ~learn_mask).sum()
@@ -209,5 +211,6 @@ class TestTimeAdapter:
             curves = torch.stack(self._history).tolist() if self._history else []
         else:
             curves = self._history_buffer[:int(self._history_len)].tolist()
+        curves = [c for c in curves if c[2] > 0]
         return AdapterStats(updates=int(self.updates), skipped_nonfinite=int(self.skipped),
                             loss_per_step=[c[0] for c in curves], relative_error_per_step=[c[1] for c in curves])
