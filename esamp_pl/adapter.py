@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from esamp_pl.distiller import DistillerBank, DistillerSpec
+from esamp_pl.distiller import DistillerBank, DistillerSpec, relative_error, squared_error
 from esamp_pl.distiller_grad import DistillerGrad
 from esamp_pl.optim import AdamSpec, BankAdam
 
@@ -171,7 +171,7 @@ class TestTimeAdapter:
         finite_row = torch.isfinite(target).all(-1) & finite_source
         target = target.masked_fill(~finite_row.unsqueeze(-1), 0.0)
         error = prediction - target
-        sq_error = error.pow(2).sum(-1)
+        sq_error = squared_error(prediction, target)
         valid = rows & finite_row & torch.isfinite(sq_error)
         error = error.masked_fill(~valid.unsqueeze(-1), 0.0)
         safe_error = torch.where(valid, sq_error, 0.0)
@@ -183,8 +183,8 @@ class TestTimeAdapter:
         # no row to train at all (every sample finished) is left out of the curves.
         count = valid.sum()
         total_error = safe_error.sum()
-        target_norm = torch.where(valid, target.pow(2).sum(-1), 0.0).sum().clamp(min=1e-12)
-        measured = torch.stack([total_error / count.clamp(min=1), total_error / target_norm])
+        target_norm = torch.where(valid, target.pow(2).sum(-1), 0.0).sum()
+        measured = torch.stack([total_error / count.clamp(min=1), relative_error(total_error, target_norm)])
         measured = torch.where(count > 0, measured, torch.full_like(measured, float("nan")))
         self._record(torch.cat([measured, rows.any().to(measured.dtype).unsqueeze(0)]))
 

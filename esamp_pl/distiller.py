@@ -21,6 +21,27 @@ from torch import nn
 from torch.nn import functional as F
 
 
+RELATIVE_ERROR_FLOOR = 1e-12
+"the smallest sum ||h||^2 a relative error divides by (all-zero targets)"
+
+
+def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||h - f(s)||^2 per row (summed over the hidden dims, in float32): the Distiller's error (spec Eq. 10)."""
+    return (target.float() - prediction.float()).pow(2).sum(-1)
+
+
+def distiller_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The online loss (spec Eq. 10): mean over rows of :func:`squared_error`; pre-training uses it too."""
+    return squared_error(prediction, target).mean()
+
+
+def relative_error(squared_error_sum, target_squared_sum):
+    """sum ||h - f(s)||^2 / sum ||h||^2 (tensors or floats): the error relative to predicting 0."""
+    if isinstance(target_squared_sum, torch.Tensor):
+        return squared_error_sum / target_squared_sum.clamp(min=RELATIVE_ERROR_FLOOR)
+    return squared_error_sum / max(target_squared_sum, RELATIVE_ERROR_FLOOR)
+
+
 @dataclass(frozen=True)
 class DistillerSpec:
     """Architecture of one Distiller; saved with every checkpoint and checked on load."""
@@ -85,19 +106,32 @@ class DistillerBank(nn.Module):
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
         """Predict targets for ``source`` of shape ``[num_distillers, rows, hidden]``."""
+        return self.forward_saving(source, keep=False)[0]
+
+    def forward_saving(self, source: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, tuple | None]:
+        """The forward, the only definition of it; with ``keep`` also the activations that the
+        hand-written backward (:class:`esamp_pl.distiller_grad.DistillerGrad`) needs, else None."""
         if source.dim() != 3 or source.shape[0] != self.num_distillers or source.shape[-1] != self.spec.hidden_size:
             raise ValueError(
                 f"source must have shape [{self.num_distillers}, rows, {self.spec.hidden_size}], "
                 f"but has {tuple(source.shape)}")
+        spec = self.spec
         x = source.to(self.up.dtype)
-        for block in range(self.spec.num_blocks):
+        blocks = []
+        for block in range(spec.num_blocks):
             up = torch.bmm(x, self.up[:, block])
-            gate = F.silu(torch.bmm(x, self.gate[:, block]) + self.gate_bias[:, block])
-            x = x + torch.bmm(up * gate, self.down[:, block])
+            pre_gate = torch.bmm(x, self.gate[:, block]) + self.gate_bias[:, block]
+            gate = F.silu(pre_gate)
+            inner = up * gate
+            if keep:
+                blocks.append((x, up, pre_gate, gate, inner))
+            x = x + torch.bmm(inner, self.down[:, block])
+        norm = None
         if self.norm_weight is not None:
-            x = F.layer_norm(x, (self.spec.hidden_size,), eps=self.spec.norm_eps)
-            x = x * self.norm_weight + self.norm_bias
-        return x
+            normed, mean, rstd = torch.native_layer_norm(x, (spec.hidden_size,), None, None, spec.norm_eps)
+            norm = (x, normed, mean, rstd)
+            x = normed * self.norm_weight + self.norm_bias
+        return x, ((blocks, norm) if keep else None)
 
     @torch.no_grad()
     def load_single(self, state: dict[str, torch.Tensor]) -> None:

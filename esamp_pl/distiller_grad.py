@@ -8,14 +8,13 @@ gradients written into persistent buffers (nothing large is allocated per step, 
 plain tensor code that a CUDA graph can capture). ``tests/test_distiller_grad.py`` checks it
 against autograd.
 
-The forward runs the very ops of :meth:`DistillerBank.forward`, so the predictions are
-bit-identical to the module's; it only keeps the activations the backward needs.
+The forward is the module's own (:meth:`DistillerBank.forward_saving`, defined once), so the
+predictions are bit-identical to ``bank(source)``; it only keeps the activations the backward needs.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from esamp_pl.distiller import DistillerBank
 
@@ -36,23 +35,7 @@ class DistillerGrad:
     def forward(self, source: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, tuple | None]:
         """``bank(source)`` for ``source`` ``[num_distillers, rows, hidden]``; with ``keep`` also what
         :meth:`backward` needs."""
-        bank, spec = self.bank, self.bank.spec
-        x = source.to(bank.up.dtype)
-        blocks = []
-        for block in range(spec.num_blocks):
-            up = torch.bmm(x, bank.up[:, block])
-            pre_gate = torch.bmm(x, bank.gate[:, block]) + bank.gate_bias[:, block]
-            gate = F.silu(pre_gate)
-            inner = up * gate
-            if keep:
-                blocks.append((x, up, pre_gate, gate, inner))
-            x = x + torch.bmm(inner, bank.down[:, block])
-        norm = None
-        if bank.norm_weight is not None:
-            normed, mean, rstd = torch.native_layer_norm(x, (spec.hidden_size,), None, None, spec.norm_eps)
-            norm = (x, normed, mean, rstd)
-            x = normed * bank.norm_weight + bank.norm_bias
-        return x, ((blocks, norm) if keep else None)
+        return self.bank.forward_saving(source, keep=keep)
 
     @torch.no_grad()
     def backward(self, saved: tuple, grad_output: torch.Tensor) -> list[torch.Tensor]:

@@ -121,3 +121,20 @@ def test_shared_scope_has_one_distiller_for_all_rows():
 def test_bad_scope_is_rejected():
     with pytest.raises(ValueError, match="esamp.scope must be one of"):
         AdapterSpec(DistillerSpec(hidden_size=4), scope="global")
+
+
+def test_the_online_curves_are_the_shared_loss_and_relative_error():
+    """The adapter's curves use the definitions that pre-training uses too (one loss, one relative error)."""
+    from esamp_pl import distiller
+    from esamp_pl.pretrain import module
+
+    assert module.distiller_loss is distiller.distiller_loss
+    adapter = make(prompts=1, n=4)
+    source, target = torch.randn(4, 16), torch.randn(4, 16) * 3
+    prediction = adapter.predict(source)
+    adapter.update(target, torch.ones(4, dtype=torch.bool))
+    stats = adapter.stats()
+    torch.testing.assert_close(stats.loss_per_step[0], distiller.distiller_loss(prediction, target).item())
+    want = distiller.relative_error(distiller.squared_error(prediction, target).sum(), target.pow(2).sum())
+    torch.testing.assert_close(stats.relative_error_per_step[0], want.item())
+    assert distiller.relative_error(2.0, 0.0) == 2.0 / distiller.RELATIVE_ERROR_FLOOR

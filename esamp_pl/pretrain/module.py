@@ -20,12 +20,8 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch import LightningModule
 
-from esamp_pl.distiller import DistillerBank, DistillerSpec
-
-
-def distiller_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The online loss (spec Eq. 10): mean over rows of the squared error summed over hidden dims."""
-    return (target.float() - prediction.float()).pow(2).sum(-1).mean()
+from esamp_pl.distiller import (DistillerBank, DistillerSpec, distiller_loss, relative_error,
+                                squared_error)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
@@ -106,12 +102,12 @@ class DistillerModule(LightningModule):
             with torch.no_grad():
                 random_pred = self._random(source.unsqueeze(0)).squeeze(0).float()
             true_top1 = self._top1(target)
-            self._fixed[batch_idx] = (true_top1, (target - random_pred).pow(2).sum(),
+            self._fixed[batch_idx] = (true_top1, squared_error(random_pred, target).sum(),
                                       (self._top1(random_pred) == true_top1).sum())
         true_top1, random_sq, random_agree = self._fixed[batch_idx]
         prediction = self(source).float()
         self._sums += torch.stack([
-            (target - prediction).pow(2).sum(), random_sq, target.pow(2).sum(),
+            squared_error(prediction, target).sum(), random_sq, target.pow(2).sum(),
             (self._top1(prediction) == true_top1).sum(), random_agree,
             torch.tensor(float(len(source)), device=self.device)]).to(self._sums)
 
@@ -120,7 +116,7 @@ class DistillerModule(LightningModule):
         sq, sq_random, norm, agree, agree_random, rows = sums.tolist()
         rows = max(rows, 1.0)
         metrics = {"val/mse": sq / rows, "val/mse_random": sq_random / rows,
-                   "val/relative_error": sq / max(norm, 1e-12), "val/relative_error_random": sq_random / max(norm, 1e-12),
+                   "val/relative_error": relative_error(sq, norm), "val/relative_error_random": relative_error(sq_random, norm),
                    "val/top1_agreement": agree / rows, "val/top1_agreement_random": agree_random / rows}
         # Already summed over ranks; sync_dist only keeps Lightning's bookkeeping consistent.
         self.log_dict(metrics, sync_dist=True)
