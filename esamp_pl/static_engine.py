@@ -246,7 +246,8 @@ class StaticDecodeEngine(DecodeEngine):
         with SiteCapture(self.model, self.sites) as capture:
             prefill_cache, logits, attention_mask, next_position = self._prefill(capture, prompt_ids, n)
             width = attention_mask.shape[1]
-            key = (num_prompts, n, width, steps_max, sampling, settings.esamp, settings.ignore_eos)
+            key = (num_prompts, n, width, steps_max, sampling, settings.esamp, settings.ignore_eos,
+                   self.fixed_candidates)
             prog = self._cached if self._cached is not None and self._cached.key == key else None
             if prog is None:
                 self._cached = None  # one cached program at a time: free the old graphs first
