@@ -329,8 +329,12 @@ def write_report(out_dir: str | Path) -> Path:
              f"- k = {', '.join(map(str, ks))} (unbiased pass@k)" if ks
              else "- no grader: diversity and perplexity only",
              f"- perplexity scorer: {scorer}; diversity: per problem over its n samples (all-MiniLM-L6-v2 "
-             "embeddings), then averaged over problems", ""]
-    lines += ["## Results", ""] + _table(summaries, graded) + [""]
+             "embeddings), then averaged over problems"]
+    if info["task"] == "humaneval":
+        sandbox = cfg.get("sandbox", "bwrap")
+        lines.append(f"- code executed with sandbox = {sandbox}"
+                     + (" (bubblewrap namespaces)" if sandbox == "bwrap" else " (weaker: no network/file isolation)"))
+    lines += ["", "## Results", ""] + _table(summaries, graded) + [""]
     reference = cfg.get("eval", {}).get("reference_family", "min_p0.1")
     if graded:
         lines += [f"## pass@k against `{reference}`", ""] + _pass_at_k_comparison(summaries, reference, info["n"])

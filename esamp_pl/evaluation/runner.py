@@ -31,6 +31,7 @@ from esamp_pl import settings as settings_lib
 from esamp_pl.engine import DecodeSettings, SampleResult
 from esamp_pl.static_engine import check_engine
 from esamp_pl.evaluation.report import RESULTS_FILE, RUN_INFO_FILE, read_records, write_report
+from esamp_pl.evaluation.execution import SANDBOXES, check_sandbox
 from esamp_pl.evaluation.metrics import Embedder, diversity_metrics, perplexities_from_ids
 from esamp_pl.evaluation.tasks import Problem, grade_many, is_graded, load_task
 from esamp_pl.models import LoadedModel, ModelSpec, load_model
@@ -231,6 +232,11 @@ def _check_config(cfg: DictConfig) -> None:
         raise ValueError("eval.methods is empty: name at least one method")
     settings_lib.check_threads(cfg.get("threads"))
     check_engine(cfg.get("engine", "eager"))
+    sandbox = cfg.get("sandbox", "bwrap")
+    if cfg.eval.task == "humaneval" and cfg.get("generate", True):
+        check_sandbox(sandbox)  # a missing bubblewrap is told before the model loads
+    elif sandbox not in SANDBOXES:
+        raise ValueError(f"sandbox must be one of {SANDBOXES}, but is {sandbox!r}")
 
 
 def run_evaluation(cfg: DictConfig) -> Path:
@@ -353,7 +359,8 @@ def _run_batch(cfg, engine, loaded, scorer, embedder, method: Method, key: str, 
             continue
         ids = [s.token_ids for s in done.samples]
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
-        correct = (grade_many(problem, texts, timeout=cfg.eval.grade_timeout, workers=cfg.grade_workers)
+        correct = (grade_many(problem, texts, timeout=cfg.eval.grade_timeout, workers=cfg.grade_workers,
+                              sandbox=cfg.get("sandbox", "bwrap"))
                    if is_graded(problem.task) else None)
         ppl = (scorer(problem.prompt, done.samples, texts) if scorer is not None
                else [math.nan] * len(ids))

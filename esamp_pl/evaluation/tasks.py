@@ -29,7 +29,7 @@ from esamp_pl.evaluation.answers import (
     numbers_equal,
     parse_number,
 )
-from esamp_pl.evaluation.execution import check_humaneval, check_humaneval_many
+from esamp_pl.evaluation.execution import Sandbox, check_humaneval, check_humaneval_many
 
 __all__ = ["Problem", "TASKS", "GRADED_TASKS", "load_task", "grade", "grade_many", "is_graded"]
 
@@ -214,11 +214,12 @@ def is_graded(task: str) -> bool:
     return task in GRADED_TASKS
 
 
-def grade(problem: Problem, completion: str, timeout: float = 10.0) -> bool:
+def grade(problem: Problem, completion: str, timeout: float = 10.0, sandbox: Sandbox = "bwrap") -> bool:
     """Whether ``completion`` answers ``problem`` correctly.
 
     gsm8k: final number equals the reference numerically; aime2025: integer equal; gpqa: letter
-    equal; humaneval: the tests pass when executed (``timeout`` seconds per run).
+    equal; humaneval: the tests pass when executed (``timeout`` seconds per run, in ``sandbox``, see
+    :mod:`esamp_pl.evaluation.execution`).
     """
     ref = problem.reference
     if problem.task == "gsm8k":
@@ -228,16 +229,17 @@ def grade(problem: Problem, completion: str, timeout: float = 10.0) -> bool:
     if problem.task == "gpqa":
         return extract_choice_letter(completion) == ref["answer"]
     if problem.task == "humaneval":
-        return check_humaneval(ref["prompt"], completion, ref["test"], ref["entry_point"], timeout).passed
+        return check_humaneval(ref["prompt"], completion, ref["test"], ref["entry_point"], timeout, sandbox).passed
     raise ValueError(f"task {problem.task!r} has no grader (scored for diversity and coherence only)")
 
 
-def grade_many(problem: Problem, completions: Sequence[str], timeout: float = 10.0, workers: int = 2) -> list[bool]:
-    """Grade all samples of one problem; HumanEval runs ``workers`` subprocesses at a time."""
+def grade_many(problem: Problem, completions: Sequence[str], timeout: float = 10.0, workers: int = 2,
+               sandbox: Sandbox = "bwrap") -> list[bool]:
+    """Grade all samples of one problem; HumanEval runs ``workers`` sandboxes at a time."""
     if problem.task == "humaneval":
         ref = problem.reference
         results = check_humaneval_many(
-            ref["prompt"], completions, ref["test"], ref["entry_point"], timeout, workers
+            ref["prompt"], completions, ref["test"], ref["entry_point"], timeout, workers, sandbox
         )
         return [r.passed for r in results]
     return [grade(problem, c, timeout) for c in completions]

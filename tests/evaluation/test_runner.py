@@ -95,7 +95,7 @@ def test_humaneval_pass_at_k_with_a_separate_scorer(tiny_model_dir, tmp_path):
     assert any(s["perplexity"] for r in records for s in r["samples"])  # re-tokenized text, scored
     report = (out / "report.md").read_text()
     assert "pass@1" in report and "pass@2" in report
-    assert "## pass@k against `min_p0.1`" in report
+    assert "## pass@k against `min_p0.1`" in report and "code executed with sandbox = bwrap" in report
     assert "| `esamp_random` | +0.000 ± 0.000 | +0.000 ± 0.000 | 0 / 0 |" in report  # both solve nothing
     assert (out / "pass_at_k.png").is_file()
 
@@ -131,9 +131,23 @@ def test_resume_key_follows_the_samples_not_the_speed(tmp_path):
     ("eval.batch_prompts=0", "eval.batch_prompts must be an integer >= 1"),
     ("threads=0", "threads must be a positive integer"),
     ("engine=fast", "engine must be one of"),
+    ("sandbox=docker", "sandbox must be one of"),
 ])
 def test_bad_method_config_fails_before_loading(tmp_path, override, message):
     cfg = config(tmp_path / "no-model-here", tmp_path / "out", override)
     with pytest.raises(ValueError, match=message):
         run_evaluation(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_humaneval_without_bubblewrap_fails_before_loading(tmp_path, monkeypatch):
+    from esamp_pl.evaluation import execution
+
+    monkeypatch.setattr(execution.shutil, "which", lambda name: None)
+    execution._probe_bwrap.cache_clear()
+    try:
+        with pytest.raises(execution.SandboxError, match="apt-get install -y bubblewrap"):
+            run_evaluation(config(tmp_path / "no-model-here", tmp_path / "out", "eval=humaneval"))
+    finally:
+        execution._probe_bwrap.cache_clear()
     assert not (tmp_path / "out").exists()
