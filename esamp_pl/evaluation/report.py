@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 
 from esamp_pl.evaluation.metrics import pass_at_k, pass_at_k_curve
+from esamp_pl.evaluation.results import RESULTS_FILE, RUN_INFO_FILE, current_records, read_records
 
 __all__ = ["MethodSummary", "compare_to_curve", "paired_difference_se", "read_records", "summarize", "write_report"]
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.jsonl"
-RUN_INFO_FILE = "run_info.json"
 
 
 @dataclass
@@ -67,19 +66,6 @@ class MethodSummary:
     "mean relative error per decode step over batches (steps all batches reached)"
 
 
-def read_records(path: Path) -> list[dict]:
-    """All JSON lines of a results file; a torn last line (interrupted write) is ignored."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("ignoring an unreadable line in %s (interrupted write?)", path)
-    return records
-
-
 def standard_error(values) -> float:
     """Standard error of the mean (sample std / sqrt(count)); nan below two values."""
     values = np.asarray(values, dtype=float)
@@ -89,22 +75,6 @@ def standard_error(values) -> float:
 def _nanmean(values) -> float:
     values = [v for v in values if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
     return float(np.mean(values)) if values else math.nan
-
-
-def load(out_dir: Path) -> tuple[dict, list[dict], list[dict]]:
-    """run info, the current problem records (last per method and problem) and batch records."""
-    info = json.loads((out_dir / RUN_INFO_FILE).read_text())
-    keys = {m["name"]: m["key"] for m in info["methods"]}
-    problems: dict[tuple[str, str], dict] = {}
-    batches: dict[tuple[str, int], dict] = {}
-    for record in read_records(out_dir / RESULTS_FILE):
-        if keys.get(record.get("method")) != record.get("key"):
-            continue  # another run's settings, or a method no longer listed
-        if record["kind"] == "problem":
-            problems[(record["method"], record["problem_id"])] = record
-        elif record["kind"] == "batch":
-            batches[(record["method"], record["batch_index"])] = record
-    return info, list(problems.values()), list(batches.values())
 
 
 def summarize(info: dict, problem_records: list[dict],
@@ -311,7 +281,7 @@ def _pass_at_k_comparison(summaries: list[MethodSummary], reference: str, n: int
 def write_report(out_dir: str | Path) -> Path:
     """Write report.md and the PNG plots into ``out_dir``; returns the report's path."""
     out_dir = Path(out_dir)
-    info, problem_records, batch_records = load(out_dir)
+    info, problem_records, batch_records, bad_lines = current_records(out_dir)
     summaries, common = summarize(info, problem_records, batch_records)
     cfg = info.get("config", {})
     graded = any(s.pass_at_k for s in summaries)
@@ -348,6 +318,11 @@ def write_report(out_dir: str | Path) -> Path:
         lines += [f"- `{name}`: skipped: {reason}" for name, reason in skipped.items()]
         lines += [f"- `{name}`: no results yet (interrupted run? rerun the same command to resume)" for name in missing]
         lines.append("")
+    if bad_lines:
+        lines += [f"## Skipped lines of {RESULTS_FILE}", "",
+                  f"{len(bad_lines)} line(s) could not be read and were left out (a rerun decodes again any problem "
+                  "whose record was lost):", ""]
+        lines += [f"- line {b.number}: {b.reason}" for b in bad_lines] + [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))

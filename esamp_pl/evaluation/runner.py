@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from esamp_pl import settings as settings_lib
 from esamp_pl.engine import DecodeSettings, SampleResult
 from esamp_pl.static_engine import check_engine
-from esamp_pl.evaluation.report import RESULTS_FILE, RUN_INFO_FILE, read_records, write_report
+from esamp_pl.evaluation.report import write_report
+from esamp_pl.evaluation.results import RESULTS_FILE, RUN_INFO_FILE, append_records, read_records
 from esamp_pl.evaluation.execution import SANDBOXES, check_sandbox
 from esamp_pl.evaluation.metrics import Embedder, diversity_metrics, perplexities_from_ids
 from esamp_pl.evaluation.tasks import Problem, grade_many, is_graded, load_task
@@ -159,20 +160,6 @@ def method_key(cfg: DictConfig, method: Method) -> str:
 def finished_problems(records: list[dict]) -> set[tuple[str, str, str]]:
     """(method, key, problem id) of every problem record already written."""
     return {(r["method"], r["key"], r["problem_id"]) for r in records if r.get("kind") == "problem"}
-
-
-def _append(path: Path, records: list[dict]) -> None:
-    torn = False
-    if path.is_file() and path.stat().st_size > 0:
-        with path.open("rb") as existing:
-            existing.seek(-1, 2)
-            torn = existing.read(1) != b"\n"
-    with path.open("a", encoding="utf-8") as sink:
-        if torn:  # an interrupted write left half a line: end it, so the next record starts cleanly
-            sink.write("\n")
-        for record in records:
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-        sink.flush()
 
 
 # ----------------------------------------------------------------------------- scorer
@@ -336,7 +323,7 @@ def _generate_all(cfg, model_spec: ModelSpec, methods, keys, todo, problems, res
                 bar.set_postfix_str(f"batch {b + 1}/{len(batches)} {method.name}")
                 records = _run_batch(cfg, engine, loaded, scorer, embedder, method, keys[method.name], decode,
                                      initial, batch, b, index, missing)
-                _append(results_path, records)
+                append_records(results_path, records)
                 bar.update(len(missing))
     finally:
         bar.close()

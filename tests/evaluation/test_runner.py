@@ -85,6 +85,19 @@ def test_creative_all_methods_report_and_resume(tiny_model_dir, tmp_path):
     assert len(problems(results)) == len(records)
     assert json.loads(again[-2]) == json.loads(lines[-2])  # same problem record: same tokens, scores, metrics
 
+    # A damaged problem line (a torn UTF-8 character) and a line of the wrong shape: skipped, reported, and the
+    # damaged problem is decoded again, identically.
+    first = next(i for i, line in enumerate(again) if json.loads(line)["kind"] == "problem")
+    damaged = again[first].encode().replace(b'"samples"', b'"sam\xc3ples"', 1)
+    results.write_bytes(b"\n".join([line.encode() for line in again[:first]] + [damaged]
+                                    + [line.encode() for line in again[first + 1:]])
+                        + b'\n{"kind": "problem", "method": "min_p0.1"}\n')
+    run_evaluation(cfg)
+    redone = [json.loads(line) for line in results.read_bytes().split(b"\n")[len(again) + 1:] if line.strip()]
+    assert [r for r in redone if r["kind"] == "problem"] == [json.loads(again[first])]
+    report = (out / "report.md").read_text()
+    assert f"- line {first + 1}: not UTF-8" in report and f"- line {len(again) + 1}: problem record without" in report
+
 
 def test_humaneval_pass_at_k_with_a_separate_scorer(tiny_model_dir, tmp_path):
     out = run_evaluation(config(tiny_model_dir, tmp_path, "eval=humaneval", "eval.max_new_tokens=4",
