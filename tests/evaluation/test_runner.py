@@ -113,6 +113,17 @@ def test_humaneval_pass_at_k_with_a_separate_scorer(tiny_model_dir, tmp_path):
     assert (out / "pass_at_k.png").is_file()
 
 
+def test_creative_with_the_users_prompts(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('{"prompt": "the old ship"}\n{"prompt": "a new city"}\n{"prompt": "rain and wind"}\n')
+    out = run_evaluation(config(tiny_model_dir, tmp_path / "out", "eval.methods=[min_p0.1]", "eval.sweeps=[]",
+                                f"eval.prompts={prompts}", "eval.limit=null"))
+    info = json.loads((out / "run_info.json").read_text())
+    assert len(info["problems"]) == 3 and all(p.startswith("creative/user-") for p in info["problems"])
+    assert sorted(r["problem_id"] for r in problems(out / "results.jsonl")) == sorted(info["problems"])
+    assert f"the user's prompts from `{prompts}`" in (out / "report.md").read_text()
+
+
 def test_perplexity_can_be_switched_off(tiny_model_dir, tmp_path):
     out = run_evaluation(config(tiny_model_dir, tmp_path, "eval.methods=[min_p0.1]", "perplexity=false"))
     records = problems(out / "results.jsonl")
