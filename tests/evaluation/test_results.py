@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from esamp_pl.evaluation.report import read_records, write_report
+from esamp_pl.evaluation.report import write_report
+from esamp_pl.evaluation.results import read_records, read_results
 from esamp_pl.evaluation.runner import finished_problems
 
 
@@ -72,8 +73,6 @@ def test_a_line_of_the_wrong_shape_is_skipped_not_a_crash(tmp_path: Path, wrong)
 
 
 def test_skipped_lines_are_counted_with_their_numbers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from esamp_pl.evaluation.results import read_results
-
     torn = _line(_problem("m", "p7")).replace("é".encode(), b"\xc3")
     folder = _folder(tmp_path, torn + _line([1, 2]) + b"{\"kind\": \"prob")
     with caplog.at_level(logging.WARNING):

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from esamp_pl.evaluation.report import read_records
+from esamp_pl.evaluation.results import read_records
 from esamp_pl.evaluation.runner import build_methods, method_key, run_evaluation
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
