@@ -18,8 +18,10 @@ and the executor promises:
   read-only; the only writable place is a fresh size-limited tmpfs at ``/tmp`` (the working folder)
   that disappears with the sandbox; files are also limited by ``RLIMIT_FSIZE``, memory by
   ``RLIMIT_AS``;
-- no readable secrets: the environment is scrubbed (``PATH``, ``HOME``, ``TMPDIR``, ``LANG`` only),
-  the home folders, ``/etc``, ``/work`` and other processes (``/proc/<pid>/environ``) are not visible;
+- no readable secrets: the environment is scrubbed (``PATH``, ``HOME``, ``TMPDIR``, ``LANG`` only);
+  nothing but ``/usr``, the Python installation and its virtual environment is mounted (no home
+  folders, no ``/etc``, no checkout), and ``/proc`` shows only the sandbox's own processes, so the
+  evaluator's ``/proc/<pid>/environ`` is out of reach;
 - the verdict cannot be forged by echoing what the program can read: "passed" needs exit status 0
   *and* a random token written to a pipe by the launcher after ``check(entry_point)``
   returned. The token reaches the launcher on stdin, which it reads and closes before the program
@@ -30,8 +32,8 @@ and the executor promises:
 
 What it does not meet: the tests run in the same interpreter as the code under test, so code written
 against *this harness* can still fake a pass (an object equal to everything, patched builtins, the
-launcher's frame read through ``sys._getframe``); the sandbox does not defend against kernel exploits
-or CPU exhaustion within the timeout. Run it only where executing model output is acceptable.
+launcher's frame read through ``sys._getframe``); the sandbox does not defend against kernel exploits,
+nor against CPU or process exhaustion (a fork bomb) before the timeout ends it. Run it only where executing model output is acceptable.
 
 ``sandbox="process"`` is the weaker mode for machines without bubblewrap (it logs a warning): a
 fresh interpreter in its own session, a scrubbed environment, resource limits, the same verdict
