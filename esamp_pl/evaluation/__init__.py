@@ -2,8 +2,9 @@
 
 Import the pieces from their modules (``esamp_pl.evaluation.tasks``, ``.metrics``, ``.answers``,
 ``.execution``); the common ones are re-exported here. Nothing here loads a model on import.
-``.runner`` (methods x problems through the decode engine, JSONL with resume; ``scripts/evaluate.py``)
-and ``.report`` (tables, the fair diversity-vs-perplexity comparison, plots) build on them.
+``.runner`` (methods x problems through the decode engine, JSONL with resume; ``scripts/evaluate.py``),
+``.results`` (the results file, read back line by line), ``.stats`` (summaries and paired comparisons),
+``.plots`` and ``.report`` (the markdown report) build on them.
 """
 
 from esamp_pl.evaluation.metrics import (

@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 from esamp_pl import settings as settings_lib
 from esamp_pl.engine import DecodeSettings, SampleResult
 from esamp_pl.static_engine import check_engine
-from esamp_pl.evaluation.report import RESULTS_FILE, RUN_INFO_FILE, read_records, write_report
+from esamp_pl.evaluation.report import write_report
+from esamp_pl.evaluation.results import RESULTS_FILE, RUN_INFO_FILE, append_records, read_records
+from esamp_pl.evaluation.execution import SANDBOXES, check_sandbox
 from esamp_pl.evaluation.metrics import Embedder, diversity_metrics, perplexities_from_ids
 from esamp_pl.evaluation.tasks import Problem, grade_many, is_graded, load_task
 from esamp_pl.models import LoadedModel, ModelSpec, load_model
@@ -160,20 +162,6 @@ def finished_problems(records: list[dict]) -> set[tuple[str, str, str]]:
     return {(r["method"], r["key"], r["problem_id"]) for r in records if r.get("kind") == "problem"}
 
 
-def _append(path: Path, records: list[dict]) -> None:
-    torn = False
-    if path.is_file() and path.stat().st_size > 0:
-        with path.open("rb") as existing:
-            existing.seek(-1, 2)
-            torn = existing.read(1) != b"\n"
-    with path.open("a", encoding="utf-8") as sink:
-        if torn:  # an interrupted write left half a line: end it, so the next record starts cleanly
-            sink.write("\n")
-        for record in records:
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-        sink.flush()
-
-
 # ----------------------------------------------------------------------------- scorer
 
 
@@ -231,6 +219,11 @@ def _check_config(cfg: DictConfig) -> None:
         raise ValueError("eval.methods is empty: name at least one method")
     settings_lib.check_threads(cfg.get("threads"))
     check_engine(cfg.get("engine", "eager"))
+    sandbox = cfg.get("sandbox", "bwrap")
+    if cfg.eval.task == "humaneval" and cfg.get("generate", True):
+        check_sandbox(sandbox)  # a missing bubblewrap is told before the model loads
+    elif sandbox not in SANDBOXES:
+        raise ValueError(f"sandbox must be one of {SANDBOXES}, but is {sandbox!r}")
 
 
 def run_evaluation(cfg: DictConfig) -> Path:
@@ -242,7 +235,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     methods = build_methods(cfg)  # every method's settings validated before the model loads
     model_spec = ModelSpec.from_config(cfg.model)
     SitePair(model_spec.sites)
-    problems = load_task(cfg.eval.task, limit=cfg.eval.limit, seed=cfg.seed)
+    problems = load_task(cfg.eval.task, limit=cfg.eval.limit, seed=cfg.seed, prompts=cfg.eval.get("prompts"))
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE
@@ -330,7 +323,7 @@ def _generate_all(cfg, model_spec: ModelSpec, methods, keys, todo, problems, res
                 bar.set_postfix_str(f"batch {b + 1}/{len(batches)} {method.name}")
                 records = _run_batch(cfg, engine, loaded, scorer, embedder, method, keys[method.name], decode,
                                      initial, batch, b, index, missing)
-                _append(results_path, records)
+                append_records(results_path, records)
                 bar.update(len(missing))
     finally:
         bar.close()
@@ -353,7 +346,8 @@ def _run_batch(cfg, engine, loaded, scorer, embedder, method: Method, key: str, 
             continue
         ids = [s.token_ids for s in done.samples]
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
-        correct = (grade_many(problem, texts, timeout=cfg.eval.grade_timeout, workers=cfg.grade_workers)
+        correct = (grade_many(problem, texts, timeout=cfg.eval.grade_timeout, workers=cfg.grade_workers,
+                              sandbox=cfg.get("sandbox", "bwrap"))
                    if is_graded(problem.task) else None)
         ppl = (scorer(problem.prompt, done.samples, texts) if scorer is not None
                else [math.nan] * len(ids))

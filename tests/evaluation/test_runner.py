@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from esamp_pl.evaluation.report import read_records
+from esamp_pl.evaluation.results import read_records
 from esamp_pl.evaluation.runner import build_methods, method_key, run_evaluation
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
@@ -85,6 +85,19 @@ def test_creative_all_methods_report_and_resume(tiny_model_dir, tmp_path):
     assert len(problems(results)) == len(records)
     assert json.loads(again[-2]) == json.loads(lines[-2])  # same problem record: same tokens, scores, metrics
 
+    # A damaged problem line (a torn UTF-8 character) and a line of the wrong shape: skipped, reported, and the
+    # damaged problem is decoded again, identically.
+    first = next(i for i, line in enumerate(again) if json.loads(line)["kind"] == "problem")
+    damaged = again[first].encode().replace(b'"samples"', b'"sam\xc3ples"', 1)
+    results.write_bytes(b"\n".join([line.encode() for line in again[:first]] + [damaged]
+                                    + [line.encode() for line in again[first + 1:]])
+                        + b'\n{"kind": "problem", "method": "min_p0.1"}\n')
+    run_evaluation(cfg)
+    redone = [json.loads(line) for line in results.read_bytes().split(b"\n")[len(again) + 1:] if line.strip()]
+    assert [r for r in redone if r["kind"] == "problem"] == [json.loads(again[first])]
+    report = (out / "report.md").read_text()
+    assert f"- line {first + 1}: not UTF-8" in report and f"- line {len(again) + 1}: problem record without" in report
+
 
 def test_humaneval_pass_at_k_with_a_separate_scorer(tiny_model_dir, tmp_path):
     out = run_evaluation(config(tiny_model_dir, tmp_path, "eval=humaneval", "eval.max_new_tokens=4",
@@ -95,9 +108,20 @@ def test_humaneval_pass_at_k_with_a_separate_scorer(tiny_model_dir, tmp_path):
     assert any(s["perplexity"] for r in records for s in r["samples"])  # re-tokenized text, scored
     report = (out / "report.md").read_text()
     assert "pass@1" in report and "pass@2" in report
-    assert "## pass@k against `min_p0.1`" in report
+    assert "## pass@k against `min_p0.1`" in report and "code executed with sandbox = bwrap" in report
     assert "| `esamp_random` | +0.000 ± 0.000 | +0.000 ± 0.000 | 0 / 0 |" in report  # both solve nothing
     assert (out / "pass_at_k.png").is_file()
+
+
+def test_creative_with_the_users_prompts(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('{"prompt": "the old ship"}\n{"prompt": "a new city"}\n{"prompt": "rain and wind"}\n')
+    out = run_evaluation(config(tiny_model_dir, tmp_path / "out", "eval.methods=[min_p0.1]", "eval.sweeps=[]",
+                                f"eval.prompts={prompts}", "eval.limit=null"))
+    info = json.loads((out / "run_info.json").read_text())
+    assert len(info["problems"]) == 3 and all(p.startswith("creative/user-") for p in info["problems"])
+    assert sorted(r["problem_id"] for r in problems(out / "results.jsonl")) == sorted(info["problems"])
+    assert f"the user's prompts from `{prompts}`" in (out / "report.md").read_text()
 
 
 def test_perplexity_can_be_switched_off(tiny_model_dir, tmp_path):
@@ -131,9 +155,23 @@ def test_resume_key_follows_the_samples_not_the_speed(tmp_path):
     ("eval.batch_prompts=0", "eval.batch_prompts must be an integer >= 1"),
     ("threads=0", "threads must be a positive integer"),
     ("engine=fast", "engine must be one of"),
+    ("sandbox=docker", "sandbox must be one of"),
 ])
 def test_bad_method_config_fails_before_loading(tmp_path, override, message):
     cfg = config(tmp_path / "no-model-here", tmp_path / "out", override)
     with pytest.raises(ValueError, match=message):
         run_evaluation(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_humaneval_without_bubblewrap_fails_before_loading(tmp_path, monkeypatch):
+    from esamp_pl.evaluation import execution
+
+    monkeypatch.setattr(execution.shutil, "which", lambda name: None)
+    execution._probe_bwrap.cache_clear()
+    try:
+        with pytest.raises(execution.SandboxError, match="apt-get install -y bubblewrap"):
+            run_evaluation(config(tmp_path / "no-model-here", tmp_path / "out", "eval=humaneval"))
+    finally:
+        execution._probe_bwrap.cache_clear()
     assert not (tmp_path / "out").exists()

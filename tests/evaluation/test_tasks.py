@@ -90,3 +90,22 @@ def test_humaneval_grade_many() -> None:
     p = load_task("humaneval", limit=1)[0]
     assert p.reference["entry_point"] in p.prompt
     assert grade_many(p, [p.reference["canonical_solution"], "    return None\n"]) == [True, False]
+
+
+def test_creative_takes_the_users_prompts(tmp_path) -> None:
+    txt = tmp_path / "mine.txt"
+    txt.write_text("A story about a red door.\n\nA poem about rain.\n", encoding="utf-8")
+    problems = load_task("creative", prompts=str(txt))
+    assert [p.prompt for p in problems] == ["A story about a red door.", "A poem about rain."]
+    assert all(p.task == "creative" and p.id.startswith("creative/user-") for p in problems)
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text('{"prompt": "A poem about rain."}\n{"prompt": "Line one\\nline two"}\n', encoding="utf-8")
+    again = load_task("creative", prompts=str(jsonl), limit=1)
+    assert [p.prompt for p in again] == ["A poem about rain."]
+    assert again[0].id != problems[1].id  # another position: another problem, even with the same text
+    edited = load_task("creative", prompts=["A story about a red door.", "A poem about snow."])
+    assert edited[0].id == problems[0].id and edited[1].id != problems[1].id  # unchanged prompts keep their id
+    with pytest.raises(FileNotFoundError, match="prompt file not found"):
+        load_task("creative", prompts=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="eval.prompts=.* is only for eval=creative"):
+        load_task("gsm8k", prompts=str(txt))

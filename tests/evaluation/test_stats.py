@@ -1,4 +1,4 @@
-"""Report aggregation and the fair comparison, on hand-made records (no model)."""
+"""Report statistics: aggregation, the fair comparison and paired errors, on hand-made records (no model)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 
 import numpy as np
 
-from esamp_pl.evaluation.report import compare_to_curve, paired_difference_se, paired_pass_at_k, summarize
+from esamp_pl.evaluation.stats import compare_to_curve, paired_difference_se, paired_pass_at_k, summarize
 
 CURVE = [(10.0, 3.0), (20.0, 5.0), (40.0, 6.0)]  # (perplexity, Vendi) of a baseline's temperature sweep
 
