@@ -79,7 +79,7 @@ def self_generated_documents(loaded, spec: DataSpec) -> list[str]:
         return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
 
     from esamp_pl.engine import DecodeSettings
-    from esamp_pl.generation import build_engine
+    from esamp_pl.decoding import build_engine
     from esamp_pl.prompts import encode_prompts
     from esamp_pl.sampling import SamplingParams
 
