@@ -9,10 +9,12 @@
 import hydra
 from omegaconf import DictConfig
 
+from esamp_pl.cli import script_main
 from esamp_pl.pretrain.run import run_pretraining
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
+@script_main
 def main(cfg: DictConfig) -> None:
     path = run_pretraining(cfg)
     if path is not None:

@@ -236,3 +236,40 @@ def test_non_finite_numbers_become_null_and_json_refuses_nan(tiny_dir):
                                                 load_seconds=1.0)))
     assert summary["loss_per_step"] == [None, 2.0] and summary["loss_first_step"] is None
     assert summary["relative_error_first_step"] is None and summary["relative_error_last_step"] == 0.5
+
+
+def test_the_script_prints_a_user_error_as_one_line(tmp_path):
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "scripts" / "generate.py"), "n=true", f"output={tmp_path / 'o.jsonl'}",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: n (samples per prompt) must be an integer >= 1, but is True"]
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (Interrupted("2 of 3 prompts done", signal.SIGTERM), 143, "interrupted (SIGTERM): 2 of 3 prompts done"),
+    (KeyboardInterrupt(), 130, "interrupted (Ctrl-C)"),
+    (ConfigError("esamp.beta must be >= 0"), 2, "error: esamp.beta must be >= 0"),
+])
+def test_script_main_turns_user_errors_and_interruptions_into_one_line(capsys, raised, code, line):
+    from esamp_pl.cli import script_main
+
+    def task():
+        raise raised
+
+    with pytest.raises(SystemExit) as exited:
+        script_main(task)()
+    assert exited.value.code == code and capsys.readouterr().err.splitlines() == [line]
+
+
+def test_script_main_keeps_the_traceback_of_a_bug():
+    from esamp_pl.cli import script_main
+
+    def task():
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        script_main(task)()
