@@ -132,6 +132,42 @@ def atomic_dir(dest: str | Path, *, is_complete: Callable[[Path], bool]) -> Iter
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block, or refuse at once.
+
+    Two processes that would write the same folder (a pre-training run folder) must not interleave;
+    the second gets an error naming the holder's pid instead of silently sharing the folder. The
+    lock (``flock``) is released by the kernel when the holder exits, even if it is killed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    from esamp_pl.errors import SetupError
+
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise SetupError(f"{what} is in use by another run (pid {holder}; lock {path}). Fix: wait for that run "
+                             "to finish (running the same command afterwards resumes or reuses it), or give this "
+                             "run its own folder with run_dir=") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (on Windows, where probing would kill it, always True)."""
     if os.name == "nt":
