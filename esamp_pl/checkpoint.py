@@ -220,7 +220,8 @@ def validate_checkpoint(meta: CheckpointMeta, *, model_fingerprint: str, sites: 
     if problems:
         raise CheckpointMismatchError(
             f"Distiller checkpoint {path} does not fit this run: " + "; ".join(problems)
-            + f". Fix: use a checkpoint made for this model and settings, or pre-train one: {hint}")
+            + f". Fix: use a checkpoint made for this model and settings, or pre-train one (`{hint}`) and pass the "
+            "file it writes as esamp.warm_start_path=")
 
 
 def check_state_shapes(state: dict[str, torch.Tensor], spec: DistillerSpec, path: str | Path) -> None:
@@ -261,5 +262,5 @@ def find_checkpoint(model_name: str, sites: str, checkpoints_dir: str | Path | N
     found = f"; found only {others}" if others else ""
     raise CheckpointNotFoundError(
         f"no pre-trained Distiller for model {model_name!r} with sites {sites!r} (looked for {folder / wanted}"
-        f"{found}). Fix: pre-train one with `{hint}`, pass esamp.warm_start_path=<file>, or set "
+        f"{found}). Fix: pre-train one with `{hint}` and pass the file it writes as esamp.warm_start_path=<file>, or set "
         "esamp.warm_start=false")
