@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from esamp_pl import settings as settings_lib
 from esamp_pl.adapter import TestTimeAdapter
 from esamp_pl.engine import DecodeEngine, DecodeSettings, left_pad
-from esamp_pl.generation import build_engine
+from esamp_pl.decoding import build_engine
 from esamp_pl.models import LoadedModel, ModelSpec, load_model
 from esamp_pl.prompts import encode_prompts, load_prompts
 from esamp_pl.sampling import SamplingParams, fuse, select_candidates

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from esamp_pl.distiller import DistillerSpec
+from esamp_pl.errors import UserError
+from esamp_pl.files import atomic_path
 
 FORMAT = "esamp_pl.distiller/1"
 META_KEY = "esamp_pl"
@@ -37,7 +37,7 @@ ARCHITECTURE_FIELDS = ("hidden_size", "rank", "num_blocks", "output_norm", "norm
 PRETRAIN_HINT = "python scripts/pretrain_distiller.py model={model} model.sites={sites} distiller.rank={rank}"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A Distiller checkpoint cannot be used; the message names the fix."""
 
 
@@ -135,32 +135,34 @@ def content_digest(state: dict[str, torch.Tensor], meta: CheckpointMeta) -> str:
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: CheckpointMeta) -> Path:
     """Write ``state`` (one Distiller, leading dim 1) and ``meta`` to ``path`` atomically.
 
-    The file is written under a temporary name in the same folder and moved into place with
-    ``os.replace``, so a reader never sees a half-written checkpoint, even if the writer dies.
+    The file is written under a temporary name in the same folder and moved into place
+    (:func:`esamp_pl.files.atomic_path`), so a reader never sees a half-written checkpoint, even if
+    the writer dies. Non-finite weights are refused: such a Distiller would silently turn ESamp off.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in state.items()}
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise ValueError(f"refusing to save a Distiller with non-finite weights in {bad} (training diverged?)")
     meta = dataclasses.replace(meta, sha256=content_digest(tensors, meta))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: meta.to_json(), "format": "pt"})
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: meta.to_json(), "format": "pt"})
     return path
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding NaN or infinity."""
+    return sorted(name for name, tensor in state.items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     """Read a checkpoint; raise :class:`CheckpointError` if it is missing, truncated or altered."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointNotFoundError(
+            f"Distiller checkpoint {path} is a directory; pass the *.distiller.safetensors file inside it as "
+            "esamp.warm_start_path=")
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"Distiller checkpoint {path} does not exist; pass an existing file as esamp.warm_start_path= "
@@ -188,6 +190,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         raise CheckpointCorruptError(
             f"{path}: the weights or metadata do not match the checksum it was written with (expected sha256 "
             f"{meta.sha256[:16]}..., found {found[:16]}...): the file was altered. Fix: {fix}")
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointCorruptError(
+            f"{path} holds NaN or infinite weights in {bad}: ESamp would silently become plain sampling. "
+            f"Fix: {fix}")
     return state, meta
 
 
@@ -213,7 +220,8 @@ def validate_checkpoint(meta: CheckpointMeta, *, model_fingerprint: str, sites: 
     if problems:
         raise CheckpointMismatchError(
             f"Distiller checkpoint {path} does not fit this run: " + "; ".join(problems)
-            + f". Fix: use a checkpoint made for this model and settings, or pre-train one: {hint}")
+            + f". Fix: use a checkpoint made for this model and settings, or pre-train one (`{hint}`) and pass the "
+            "file it writes as esamp.warm_start_path=")
 
 
 def check_state_shapes(state: dict[str, torch.Tensor], spec: DistillerSpec, path: str | Path) -> None:
@@ -254,5 +262,5 @@ def find_checkpoint(model_name: str, sites: str, checkpoints_dir: str | Path | N
     found = f"; found only {others}" if others else ""
     raise CheckpointNotFoundError(
         f"no pre-trained Distiller for model {model_name!r} with sites {sites!r} (looked for {folder / wanted}"
-        f"{found}). Fix: pre-train one with `{hint}`, pass esamp.warm_start_path=<file>, or set "
+        f"{found}). Fix: pre-train one with `{hint}` and pass the file it writes as esamp.warm_start_path=<file>, or set "
         "esamp.warm_start=false")

@@ -12,10 +12,12 @@ import json
 import hydra
 from omegaconf import DictConfig
 
+from esamp_pl.cli import script_main
 from esamp_pl.benchmark import run_benchmark
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+@script_main
 def main(cfg: DictConfig) -> None:
     print(json.dumps(run_benchmark(cfg)))
 

@@ -11,10 +11,12 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from esamp_pl.cli import script_main
 from esamp_pl.evaluation.runner import run_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@script_main
 def main(cfg: DictConfig) -> None:
     out_dir = run_evaluation(cfg)
     logging.getLogger(__name__).info("results and report in %s", out_dir)

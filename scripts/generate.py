@@ -10,10 +10,12 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from esamp_pl.cli import script_main
 from esamp_pl.generation import run_generation, summary_line
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@script_main
 def main(cfg: DictConfig) -> None:
     summary = run_generation(cfg)
     logging.getLogger(__name__).info("wrote %s", cfg.output)

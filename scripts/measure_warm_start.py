@@ -11,10 +11,12 @@ import json
 import hydra
 from omegaconf import DictConfig
 
+from esamp_pl.cli import script_main
 from esamp_pl.pretrain.compare import compare_inits
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@script_main
 def main(cfg: DictConfig) -> None:
     report = compare_inits(cfg)
     for kind, row in report["inits"].items():

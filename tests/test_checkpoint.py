@@ -192,3 +192,28 @@ def test_svd_init_through_the_common_entry(tiny_llama):
     assert state["up"].shape == (1, 1, 64, 8)
     with pytest.raises(ValueError, match="hidden size is 32"):
         svd_state(tiny_llama, DistillerSpec(hidden_size=32, rank=8))
+
+
+def test_non_finite_weights_with_a_valid_checksum_are_refused(tmp_path, tiny_llama):
+    """A NaN Distiller would make every fused score NaN-free but useless: ESamp silently off. Refuse it."""
+    from safetensors.torch import save_file
+
+    from esamp_pl.checkpoint import META_KEY, content_digest
+
+    state = {k: v.clone() for k, v in trained_state().items()}
+    state["up"][0, 0, 0, 0] = float("nan")
+    state["down"][0, 0, 0, 0] = float("inf")
+    meta = meta_for(tiny_llama)
+    meta = dataclasses.replace(meta, sha256=content_digest(state, meta))
+    path = tmp_path / "nan.distiller.safetensors"
+    save_file(state, str(path), metadata={META_KEY: meta.to_json(), "format": "pt"})
+    with pytest.raises(CheckpointCorruptError, match=r"NaN or infinite weights in \['down', 'up'\]"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="non-finite"):
+        save_checkpoint(tmp_path / "again.distiller.safetensors", state, meta)
+    assert not (tmp_path / "again.distiller.safetensors").exists()
+
+
+def test_a_directory_as_checkpoint_says_it_is_a_directory(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="is a directory"):
+        load_checkpoint(tmp_path)

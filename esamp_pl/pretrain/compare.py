@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from esamp_pl import settings as settings_lib
-from esamp_pl.generation import build_engine
+from esamp_pl.decoding import build_engine
 from esamp_pl.init import INIT_KINDS, initial_distiller_state
 from esamp_pl.models import ModelSpec, load_model
 from esamp_pl.prompts import encode_prompts, load_prompts

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from esamp_pl.files import atomic_dir, cache_root, write_json_atomic
 from esamp_pl.pretrain.corpus import PackedCorpus
 from esamp_pl.sites import OutputHead, SiteCapture, SitePair
 
@@ -99,7 +97,6 @@ def extract_pairs(model, sites: SitePair, corpus: PackedCorpus, *, batch_size: i
 def build_pair_cache(loaded, sites: SitePair, corpus: PackedCorpus, *, cache_dtype: str, batch_size: int,
                      device: torch.device | str, root: Path | None = None) -> tuple[PairCache, bool]:
     """The pair cache for this model, sites and corpus: reused if present, else built. Returns (cache, reused)."""
-    from esamp_pl.models import cache_root
     key = pair_cache_key(model_fingerprint=loaded.fingerprint, model_dtype=loaded.spec.dtype, sites=sites.preset,
                          corpus_key=corpus.key, cache_dtype=cache_dtype)
     folder = (root or cache_root() / "pairs") / loaded.spec.name / key[:24]
@@ -108,9 +105,7 @@ def build_pair_cache(loaded, sites: SitePair, corpus: PackedCorpus, *, cache_dty
         return cached, True
 
     dtype = getattr(torch, cache_dtype)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_dir(folder, is_complete=lambda found: PairCache.open(found, key) is not None) as tmp:
         shards, buffer, rows = [], [], 0
 
         def flush() -> None:
@@ -142,13 +137,7 @@ def build_pair_cache(loaded, sites: SitePair, corpus: PackedCorpus, *, cache_dty
                     "model_dtype": loaded.spec.dtype, "sites": sites.preset,
                     "hidden_size": int(loaded.model.config.hidden_size), "rows": rows, "shards": shards,
                     "cache_dtype": cache_dtype, "softcap": head.softcap, "corpus": corpus.meta}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if folder.exists():  # an incomplete or foreign folder under our key: replace it
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_json_atomic(tmp / MANIFEST, manifest)
     return PairCache(folder, manifest), False
 
 

@@ -2,13 +2,18 @@
 
 :func:`run_pretraining` checks the config, builds the data module (which prepares the pair cache on
 rank 0) and the Distiller module, trains with the configured Lightning ``Trainer`` (cpu, gpu, ddp,
-fsdp), validates, and writes ``checkpoints/<model>/<sites>-r<rank>.distiller.safetensors``
-atomically on rank 0.
+fsdp), validates, and writes ``<export.dir>/<model>/<sites>-r<rank>.distiller.safetensors``
+atomically on rank 0; ``export.dir`` defaults to ``<run_dir>/export``. The checkpoints shipped in
+``checkpoints/`` are read-only inputs: an existing file outside the run folder is only replaced
+with ``export.overwrite=true`` (checked before any work).
 
-Resuming: every ``checkpoint_every`` steps, and on Ctrl-C or a crash, Lightning writes
-``<run_dir>/lightning/last.ckpt``; running the same command again continues from it. The run
-folder is keyed by everything that shapes the result except the trainer settings (so a run may be
-resumed on other devices, or with a larger ``max_steps``). That file is a pickle-based Lightning
+Resuming: every ``checkpoint_every`` steps, at the end, and on Ctrl-C, SIGTERM or a crash, Lightning
+writes ``<run_dir>/lightning/last.ckpt``; running the same command again continues from it (a
+completed run is not retrained, and a larger ``trainer.max_steps`` continues it). Ctrl-C and SIGTERM
+end with :class:`~esamp_pl.errors.Interrupted` (exit status 130 / 143 from the script) saying so. The
+run folder is keyed by everything that shapes the result except the trainer settings (so a run may
+be resumed on other devices, or with a larger ``max_steps``), and locked while a run uses it: a
+second run with the same settings is refused instead of sharing it. That file is a pickle-based Lightning
 checkpoint written by the user's own run and read back only by it; it is still loaded with
 ``weights_only=True``. Checkpoints meant to be shared are the safetensors export, never this file.
 """
@@ -20,8 +25,12 @@ import gc
 import hashlib
 import json
 import logging
+import os
+import signal
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,12 +40,16 @@ from hydra.utils import instantiate
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from esamp_pl import settings as settings_lib
 from esamp_pl.checkpoint import CheckpointMeta, checkpoint_filename, default_checkpoints_dir, save_checkpoint
+from esamp_pl.config_dict import check_keys
 from esamp_pl.distiller import DistillerSpec
-from esamp_pl.models import LoadedModel, ModelSpec, cache_root, load_model
+from esamp_pl.errors import ConfigError, Interrupted, SetupError
+from esamp_pl.files import cache_root, exclusive_lock
+from esamp_pl.models import LoadedModel, ModelSpec, load_model
 from esamp_pl.pretrain.corpus import DataSpec, pack_documents, read_documents
 from esamp_pl.pretrain.datamodule import PairDataModule
 from esamp_pl.pretrain.module import DistillerModule
@@ -45,6 +58,8 @@ from esamp_pl.sites import SitePair
 
 log = logging.getLogger(__name__)
 GPU_ACCELERATORS = ("gpu", "cuda")
+TOP_LEVEL_KEYS = ("model", "data", "trainer", "distiller", "seed", "optimizer", "warmup_steps", "min_lr_ratio",
+                  "extract_device", "max_cpu_params", "checkpoint_every", "resume", "run_dir", "export")
 
 
 def extract_device(cfg: DictConfig) -> str:
@@ -61,7 +76,7 @@ def check_hardware(cfg: DictConfig) -> None:
     """A GPU trainer on a machine without CUDA fails here, before any work, saying what is missing."""
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise SetupError(
             f"trainer.accelerator={accelerator} needs a CUDA GPU, but torch sees none (torch {torch.__version__}, "
             f"CUDA build: {torch.version.cuda or 'no'}). Fix: run on a machine with a GPU and a CUDA build of "
             "torch, or use trainer=cpu (practical only for small models such as smollm2-135m)")
@@ -84,7 +99,7 @@ def prepare_pairs(load: Callable[[], LoadedModel], data: DataSpec, sites: SitePa
     loaded = load()
     params = sum(p.numel() for p in loaded.model.parameters())
     if torch.device(device).type == "cpu" and params > max_cpu_params:
-        raise RuntimeError(
+        raise SetupError(
             f"model {loaded.spec.name!r} has {params / 1e9:.1f}B parameters; running it over a corpus on the CPU "
             f"would take days (limit max_cpu_params={max_cpu_params:.0e}). Fix: run on a machine with a GPU "
             "with trainer=gpu (or ddp / fsdp)")
@@ -102,12 +117,74 @@ def prepare_pairs(load: Callable[[], LoadedModel], data: DataSpec, sites: SitePa
     return cache
 
 
+class KeptOnExceptionCheckpoint(OnExceptionCheckpoint):
+    """Lightning's on-exception checkpoint, minus its teardown, which deletes the file after a clean run.
+
+    It writes the same ``last.ckpt`` as the periodic checkpoint; keeping it lets a completed run be
+    continued with a larger ``trainer.max_steps``, and an identical re-run reuse it instead of retraining.
+    """
+
+    def teardown(self, trainer, *args, **kwargs) -> None:
+        pass
+
+
+EXPORT_KEYS = ("dir", "overwrite")
+
+
+def export_path(cfg: DictConfig, run_dir: Path, model_name: str, sites: str, spec: DistillerSpec) -> Path:
+    """Where the trained Distiller goes; refuses (before any work) to replace a file outside the run folder."""
+    export = cfg.get("export") or {}
+    check_keys(export, EXPORT_KEYS, "export")
+    overwrite = export.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"export.overwrite must be true or false, but is {overwrite!r}")
+    folder = Path(str(export["dir"])).expanduser() if export.get("dir") else run_dir / "export"
+    path = folder / model_name / checkpoint_filename(sites, spec)
+    own = path.resolve().is_relative_to(run_dir.resolve())
+    if path.exists() and not own and not overwrite:
+        shipped = path.resolve().is_relative_to(default_checkpoints_dir().resolve())
+        what = "a checkpoint shipped with esamp_pl" if shipped else "an existing checkpoint"
+        raise ConfigError(f"export target {path} is {what}; it is not replaced. Fix: pass export.overwrite=true to "
+                          "replace it, or export.dir=<another folder> (default: the run folder)")
+    return path
+
+
+def check_resume_checkpoint(last: Path) -> None:
+    """A torn ``last.ckpt`` (killed while writing) named with its path and the way out, before training."""
+    try:
+        torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a short or garbled file
+        raise ConfigError(f"the resume checkpoint {last} cannot be read ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); it is probably torn (the run "
+                          "was killed while writing it). Fix: run again with resume=false to start afresh, or delete "
+                          "it") from err
+
+
+@contextmanager
+def lightning_handles_sigterm() -> Iterator[None]:
+    """During ``fit``, SIGTERM is left to Lightning (stop after the batch, save last.ckpt), not to our handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _is_first_local_process() -> bool:
+    """False in the processes Lightning's DDP launcher starts for ranks > 0 (the first one holds the lock)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def run_pretraining(cfg: DictConfig, *, callbacks: Sequence[Callback] = (),
                     load: Callable[[], LoadedModel] | None = None) -> Path | None:
     """Pre-train and export a Distiller; returns the checkpoint path (on rank 0), else None.
 
     ``load`` replaces :func:`load_model` (tests pass tiny in-memory models).
     """
+    check_keys(settings_lib.to_plain(cfg), TOP_LEVEL_KEYS, "")
     model_spec = ModelSpec.from_config(cfg.model)
     sites = SitePair(model_spec.sites)
     data = DataSpec.from_config(cfg.data)
@@ -118,6 +195,16 @@ def run_pretraining(cfg: DictConfig, *, callbacks: Sequence[Callback] = (),
     seed_everything(cfg.seed, workers=True, verbose=False)
 
     run_dir = run_dir_for(cfg, model_spec, distiller)
+    target = export_path(cfg, run_dir, model_spec.name, sites.preset, spec)
+    if not _is_first_local_process():
+        return _train_and_export(cfg, callbacks, load, model_spec, sites, data, distiller, device, run_dir, target)
+    with exclusive_lock(run_dir / ".lock", f"the run folder {run_dir}"):
+        return _train_and_export(cfg, callbacks, load, model_spec, sites, data, distiller, device, run_dir, target)
+
+
+def _train_and_export(cfg: DictConfig, callbacks: Sequence[Callback], load: Callable[[], LoadedModel] | None,
+                      model_spec: ModelSpec, sites: SitePair, data: DataSpec, distiller: dict[str, Any], device: str,
+                      run_dir: Path, target: Path) -> Path | None:
     load = load or partial(load_model, model_spec, device=device)
     datamodule = PairDataModule(partial(prepare_pairs, load, data, sites, device, float(cfg.max_cpu_params)),
                                 data, run_dir)
@@ -128,36 +215,41 @@ def run_pretraining(cfg: DictConfig, *, callbacks: Sequence[Callback] = (),
         cfg.trainer, default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs"),
         callbacks=[ModelCheckpoint(dirpath=str(lightning_dir), save_last=True, save_top_k=0,
                                    every_n_train_steps=cfg.checkpoint_every),
-                   OnExceptionCheckpoint(dirpath=str(lightning_dir), filename="last"), *callbacks])
+                   KeptOnExceptionCheckpoint(dirpath=str(lightning_dir), filename="last"), *callbacks])
     last = lightning_dir / "last.ckpt"
     if last.is_file() and not cfg.resume:
         log.info("resume=false: starting afresh, removing %s", last)
         last.unlink()
     resume = str(last) if last.is_file() else None
     if resume:
+        check_resume_checkpoint(last)
         log.info("resuming from %s", resume)
-    with warnings.catch_warnings():
-        # With no checkpoint yet, Lightning warns that it looked for one (OnExceptionCheckpoint makes it look).
-        warnings.filterwarnings("ignore", message=r".*ckpt_path.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    if trainer.interrupted:
-        log.warning("training was interrupted; run the same command again to resume from %s", last)
-        return None
+    hint = f"{last} keeps it; run the same command again to resume"
+    try:
+        with warnings.catch_warnings(), lightning_handles_sigterm():
+            # With no checkpoint yet, Lightning warns that it looked for one (OnExceptionCheckpoint makes it look).
+            warnings.filterwarnings("ignore", message=r".*ckpt_path.*")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except SIGTERMException as stop:  # Lightning stopped after the batch and saved last.ckpt
+        raise Interrupted(f"pre-training stopped at step {trainer.global_step}; {hint}", signal.SIGTERM) from stop
+    except SystemExit as stop:  # Lightning turns Ctrl-C into sys.exit(1) after saving last.ckpt
+        if trainer.interrupted:
+            raise Interrupted(f"pre-training stopped at step {trainer.global_step}; {hint}", signal.SIGINT) from stop
+        raise
+    trainer.save_checkpoint(str(last))  # the final state too, so a larger max_steps continues from here
     metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
                if k.startswith("val/")}
     state = {name.removeprefix("bank."): tensor.detach().cpu()
              for name, tensor in trainer.strategy.lightning_module_state_dict().items() if name.startswith("bank.")}
     if not trainer.is_global_zero:
         return None
-    return export(cfg, datamodule.cache, module.spec, state, metrics, trainer.global_step, trainer)
+    return export(cfg, datamodule.cache, module.spec, state, metrics, trainer.global_step, trainer, target)
 
 
 def export(cfg: DictConfig, cache: PairCache, spec: DistillerSpec, state: dict[str, torch.Tensor],
-           metrics: dict[str, float], steps: int, trainer) -> Path:
-    """Write the trained Distiller with its metadata to ``checkpoints/<model>/...`` (atomically)."""
+           metrics: dict[str, float], steps: int, trainer, path: Path) -> Path:
+    """Write the trained Distiller with its metadata to ``path`` (atomically; see :func:`export_path`)."""
     manifest = cache.manifest
-    folder = Path(cfg.checkpoints_dir).expanduser() if cfg.get("checkpoints_dir") else default_checkpoints_dir()
-    path = folder / manifest["model_name"] / checkpoint_filename(manifest["sites"], spec)
     training = {"optimizer": settings_lib.to_plain(cfg.optimizer), "batch_size": cfg.data.batch_size,
                 "warmup_steps": cfg.warmup_steps, "min_lr_ratio": cfg.min_lr_ratio, "seed": cfg.seed,
                 "devices": trainer.world_size, "precision": str(trainer.precision), "train_rows": len(

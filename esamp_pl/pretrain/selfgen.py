@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from importlib.resources import files
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from esamp_pl.pretrain.corpus import CorpusError, DataSpec
+from esamp_pl.files import cache_root, dumps_json, write_lines_atomic
+from esamp_pl.pretrain.data_spec import CorpusError, DataSpec
 
 FORMAT = "esamp_pl.selfgen/1"
 
@@ -62,7 +61,6 @@ def choose_prompts(spec: DataSpec) -> list[str]:
 
 
 def _cache_path(loaded, spec: DataSpec, prompts: list[str]) -> Path:
-    from esamp_pl.models import cache_root
     settings = {"format": FORMAT, "model": loaded.fingerprint, "model_dtype": loaded.spec.dtype,
                 "chat_template": loaded.spec.chat_template, "prompts": prompts,
                 "max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature, "min_p": spec.min_p,
@@ -79,7 +77,7 @@ def self_generated_documents(loaded, spec: DataSpec) -> list[str]:
         return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
 
     from esamp_pl.engine import DecodeSettings
-    from esamp_pl.generation import build_engine
+    from esamp_pl.decoding import build_engine
     from esamp_pl.prompts import encode_prompts
     from esamp_pl.sampling import SamplingParams
 
@@ -100,10 +98,5 @@ def self_generated_documents(loaded, spec: DataSpec) -> list[str]:
                 records.append({"prompt": prompts[start + done.prompt_index],
                                 "text": tokenizer.decode(ids, skip_special_tokens=False)})
             bar.update(len(chunk))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".selfgen-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as sink:
-        for record in records:
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_lines_atomic(path, [dumps_json(record) for record in records])
     return [record["text"] for record in records]

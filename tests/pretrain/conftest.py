@@ -63,7 +63,7 @@ def pretrain_config(model_dir: Path, tmp_path: Path, *overrides: str):
             "data.window=32", "data.batch_size=64", "data.extract_batch_size=4", "trainer.max_steps=6",
             "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "warmup_steps=2", "checkpoint_every=2",
-            f"checkpoints_dir={tmp_path / 'checkpoints'}"]
+            f"export.dir={tmp_path / 'checkpoints'}"]
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="pretrain", overrides=base + list(overrides))
     return cfg
