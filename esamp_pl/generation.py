@@ -75,6 +75,8 @@ def run_summary(cfg: DictConfig, result: GenerationResult | None, *, interrupted
         summary.update(engine_mode=result.mode, tokens_generated=result.tokens_generated, decode_steps=result.steps,
                        decode_seconds=round(result.decode_seconds, 3),
                        tokens_per_second=round(result.tokens_per_second, 3))
+        if result.kl_budget is not None:  # esamp.kl_budget: the beta it realised, per row-step
+            summary.update(kl_budget=result.kl_budget.as_dict())
         stats = result.adapter_stats
         if stats is not None:
             losses = stats.loss_per_step
@@ -135,7 +137,7 @@ def run_generation(cfg: DictConfig) -> dict[str, Any]:
 def summary_line(summary: dict[str, Any]) -> str:
     """A one-screen digest of the summary for the terminal."""
     keys = ("engine_mode", "tokens_generated", "tokens_per_second", "distiller_updates", "skipped_updates", "loss_first_step",
-            "loss_last_step", "relative_error_first_step", "relative_error_last_step")
+            "loss_last_step", "relative_error_first_step", "relative_error_last_step", "kl_budget")
     return json.dumps({k: summary[k] for k in keys if k in summary})
 
 
