@@ -168,3 +168,63 @@ def test_config_keys_reach_the_settings():
     cfg.beta_max = -1.0
     with pytest.raises(ValueError, match="esamp.beta_max"):
         settings_lib.esamp_settings(cfg, distiller, hidden_size=64)
+
+
+def test_run_summary_reports_the_realised_beta(tiny_llama):
+    from esamp_pl.generation import run_summary, summary_line
+
+    eager, _ = engines(tiny_llama)
+    settings = DecodeSettings(n=2, max_new_tokens=8, seed=1, sampling=SAMPLING, esamp=esamp(0.05))
+    result = eager.generate(PROMPTS, settings)
+    summary = run_summary(OmegaConf.create({"n": 2}), result, interrupted=False, load_seconds=0.0)
+    realised = summary["kl_budget"]
+    assert realised["budget"] == 0.05 and realised["row_steps"] == result.kl_budget.row_steps > 0
+    assert realised["beta_q10"] <= realised["beta_q50"] <= realised["beta_q90"] <= realised["beta_max"]
+    assert '"kl_budget"' in summary_line(summary)
+    plain = run_summary(OmegaConf.create({"n": 2}), eager.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=4)),
+                        interrupted=False, load_seconds=0.0)
+    assert "kl_budget" not in plain
+
+
+def test_a_static_step_with_a_budget_never_reads_a_device_value_on_the_host(tiny_llama, monkeypatch):
+    _, static = engines(tiny_llama)
+    step = StaticDecodeEngine._decode_step
+    inside = []
+
+    def guarded(self, *args):
+        inside.append(True)
+        try:
+            step(self, *args)
+        finally:
+            inside.pop()
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def check(tensor, *args, _name=name, _original=original, **kwargs):
+            if inside:
+                raise AssertionError(f"Tensor.{_name} (a host synchronisation) inside the decode step")
+            return _original(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, check)
+    monkeypatch.setattr(StaticDecodeEngine, "_decode_step", guarded)
+    result = static.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=10, sampling=SAMPLING, esamp=esamp(0.05)))
+    assert result.steps == 9 and result.kl_budget.row_steps > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("update_mode", ["sync", "async"])
+def test_cuda_graph_replay_with_a_budget_equals_eager(update_mode):
+    model = tiny_model("llama").cuda()
+    common = dict(sites=SitePair(), stop_token_ids=[255], pad_token_id=0)
+    graphed, plain = StaticDecodeEngine(model, **common), StaticDecodeEngine(model, **common, cuda_graphs=False)
+    settings = DecodeSettings(n=3, max_new_tokens=16, seed=2, sampling=SAMPLING,
+                              esamp=esamp(0.05, update_mode=update_mode))
+    replayed = graphed.generate(PROMPTS, settings)
+    assert replayed.mode.startswith("static, cuda graphs"), replayed.mode
+    reference = plain.generate(PROMPTS, settings)
+    assert tokens(replayed) == tokens(reference)
+    assert replayed.kl_budget.row_steps == reference.kl_budget.row_steps > 0
+    assert replayed.kl_budget.beta_mean == pytest.approx(reference.kl_budget.beta_mean, rel=1e-4)
+    again = graphed.generate(PROMPTS, settings)  # replayed graphs, restarted recorder
+    assert tokens(again) == tokens(replayed) and again.kl_budget == replayed.kl_budget
