@@ -27,7 +27,8 @@ from transformers import DynamicCache
 
 from esamp_pl.adapter import AdapterSpec, AdapterStats, TestTimeAdapter
 from esamp_pl.async_update import make_updater
-from esamp_pl.sampling import SamplingParams, fuse, sample_from_candidates, select_candidates
+from esamp_pl.kl_budget import BetaRecorder, KLBudgetStats, solve_beta
+from esamp_pl.sampling import CandidateSet, SamplingParams, fuse, sample_from_candidates, select_candidates
 from esamp_pl.sites import OutputHead, SiteCapture, SitePair
 
 
@@ -43,6 +44,10 @@ class ESampSettings:
     "strength of the tilt toward unexplored directions; 0 gives exactly plain sampling"
     mode: str = "esamp"
     "esamp: (1 + beta) l - beta d; sharpen_only: (1 + beta) l, no Distiller (a control for the sharpening)"
+    kl_budget: float | None = None
+    "nats per row and step: beta is solved per row so that KL(pi_new || pi_ref) on the candidates meets it; None = fixed beta"
+    beta_max: float = 2.0
+    "the largest beta the KL budget may use (rows whose KL at beta_max stays below the budget take it)"
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not (
@@ -51,10 +56,47 @@ class ESampSettings:
                              f"but is {self.beta!r}")
         if self.mode not in FUSION_MODES:
             raise ValueError(f"esamp.mode must be one of {FUSION_MODES}, but is {self.mode!r}")
+        if self.kl_budget is not None and not (_is_number(self.kl_budget) and 0 <= self.kl_budget < math.inf):
+            raise ValueError(f"esamp.kl_budget must be null (fixed beta) or a finite float >= 0 in nats per step "
+                             f"(e.g. 0.05), but is {self.kl_budget!r}")
+        if not (_is_number(self.beta_max) and 0 < self.beta_max < math.inf):
+            raise ValueError(f"esamp.beta_max must be a finite float > 0 (the largest beta a KL budget may use, "
+                             f"e.g. 2.0), but is {self.beta_max!r}")
 
     @property
     def uses_distiller(self) -> bool:
         return self.mode == "esamp"
+
+    @property
+    def tilts(self) -> bool:
+        """Whether fusion can change anything (beta > 0, or a KL budget that solves for beta)."""
+        return self.beta > 0 or self.kl_budget is not None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+# --- observer (diagnostics such as esamp_pl.novelty; eager engine only) -------------------------------------
+@dataclass(frozen=True)
+class StepObservation:
+    """One decode step's tensors, handed to ``DecodeEngine.generate(observer=...)`` as the step is chosen."""
+
+    step: int
+    "decode step (1 = the first after the prefill's token)"
+    source: torch.Tensor
+    "[rows, d] the Distiller's input s"
+    target: torch.Tensor
+    "[rows, d] the state it predicts, h"
+    prediction: torch.Tensor | None
+    "[rows, d] f(s) before this step's update; None without a Distiller"
+    candidates: CandidateSet
+    "candidate token ids, the LM's logits on them and the candidate mask"
+    scores: torch.Tensor
+    "[rows, k] the scores sampled from (fused when ESamp tilts, else the LM's logits)"
+    active: torch.Tensor
+    "[rows] bool: rows still running (they are the ones trained this step)"
+# --- end observer -------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -120,6 +162,8 @@ class GenerationResult:
     "rows ended early because the LM's logits were not finite (finish_reason 'nonfinite')"
     mode: str = "eager"
     "the decode path that ran (engine, CUDA graphs or not, update mode)"
+    kl_budget: KLBudgetStats | None = None
+    "realised beta and KL when esamp.kl_budget is set; None otherwise"
 
     @property
     def tokens_per_second(self) -> float:
@@ -209,35 +253,73 @@ class DecodeEngine:
 
     def _choose(self, logits, esamp: ESampSettings | None, adapter: TestTimeAdapter | None, source,
                 sampling: SamplingParams, uniform: torch.Tensor, *, exact: bool = True, for_update: bool = True,
-                truncated: torch.Tensor | None = None) -> torch.Tensor:
+                truncated: torch.Tensor | None = None, active: torch.Tensor | None = None,
+                betas: BetaRecorder | None = None, observe: Callable[..., None] | None = None) -> torch.Tensor:
         """Filter, fuse (when ESamp is on) and sample one token per row.
 
         ``exact=False`` uses the candidate space sized from the configuration (fixed shapes, no host
         read) and adds the rows that filled it to ``truncated``; ``for_update`` is passed on to
         :meth:`TestTimeAdapter.predict`.
+        With ``esamp.kl_budget`` the realised beta of the ``active`` rows goes to ``betas``;
+        ``observe`` receives the step's prediction, candidates and scores (the eager loop's observer).
         """
         candidates = select_candidates(logits, sampling, exact=exact)
         if truncated is not None and candidates.partial:
             truncated += candidates.keep[:, -1].sum()
         scores = candidates.logits
+        prediction = None
         if esamp is not None and not esamp.uses_distiller:
-            scores = (1.0 + esamp.beta) * candidates.logits.float()
+            beta = self._beta(esamp, candidates, None, sampling, active, betas)
+            scores = (1.0 + beta) * candidates.logits.float()
         if adapter is not None:
             prediction = adapter.predict(source, for_update=for_update)
-            if esamp.beta > 0:
-                distiller_logits = self.head.logits_at(prediction, candidates.token_ids)
-                scores = fuse(candidates.logits.float(), distiller_logits.float(), esamp.beta)
+            if esamp.tilts:
+                distiller_logits = self.head.logits_at(prediction, candidates.token_ids).float()
+                beta = self._beta(esamp, candidates, distiller_logits, sampling, active, betas)
+                scores = fuse(candidates.logits.float(), distiller_logits, beta)
+        if observe is not None:
+            observe(prediction=prediction, candidates=candidates, scores=scores)
         return sample_from_candidates(candidates, scores, sampling, uniform)
+
+    @staticmethod
+    def _beta(esamp: ESampSettings, candidates: CandidateSet, distiller_logits: torch.Tensor | None,
+              sampling: SamplingParams, active: torch.Tensor | None,
+              betas: BetaRecorder | None) -> float | torch.Tensor:
+        """``esamp.beta``, or with ``esamp.kl_budget`` the per-row beta ([rows, 1]) that spends the budget.
+
+        ``distiller_logits`` None is the sharpen-only tilt (d = 0)."""
+        if esamp.kl_budget is None:
+            return esamp.beta
+        if distiller_logits is None:
+            distiller_logits = torch.zeros_like(candidates.logits, dtype=torch.float32)
+        temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        beta, kl = solve_beta(candidates.logits, distiller_logits, candidates.keep, budget=esamp.kl_budget,
+                              beta_max=esamp.beta_max, temperature=temperature)
+        if betas is not None:
+            tiltable = candidates.size > 1  # beta can change the distribution
+            betas.record(beta, kl, tiltable if active is None else tiltable & active)
+        return beta.unsqueeze(-1)
+
+    @staticmethod
+    def _beta_recorder(settings: DecodeSettings, rows: int, device) -> BetaRecorder | None:
+        esamp = settings.esamp
+        if esamp is None or esamp.kl_budget is None:
+            return None
+        return BetaRecorder(rows, settings.max_new_tokens, budget=esamp.kl_budget, beta_max=esamp.beta_max,
+                            device=device)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], settings: DecodeSettings, *,
                  initial_state: dict[str, torch.Tensor] | None = None,
                  on_prompt_done: Callable[[PromptResult], None] | None = None,
-                 on_step: Callable[[int], None] | None = None) -> GenerationResult:
+                 on_step: Callable[[int], None] | None = None,
+                 observer: Callable[[StepObservation], None] | None = None) -> GenerationResult:
         """Run the decode loop; ``on_prompt_done`` receives each prompt's samples as soon as all finish.
 
         ``initial_state`` is one Distiller's weights (warm start or svd init) copied into every
         prompt's Distiller before the first decode step; None keeps the paper's random init.
+        ``observer`` sees every decode step's tensors (:class:`StepObservation`) before its update;
+        it may synchronise with the host (diagnostics), so it is an eager-engine feature.
         """
         n, steps_max, sampling, esamp = settings.n, settings.max_new_tokens, settings.sampling, settings.esamp
         num_prompts = len(prompt_ids)
@@ -248,6 +330,7 @@ class DecodeEngine:
         updater = make_updater(adapter, esamp.adapter.update_mode, device=device) if adapter is not None else None
         stops = self._stop_ids(settings)
         columns = torch.arange(steps_max, device=device)
+        betas = self._beta_recorder(settings, rows, device)
 
         start = time.perf_counter()
         with SiteCapture(self.model, self.sites) as capture:
@@ -269,8 +352,12 @@ class DecodeEngine:
                         source, target = capture.pop()
                         if updater is not None:
                             updater.wait()
+                        observe = None if observer is None else (
+                            lambda **parts: observer(StepObservation(step=step, source=source, target=target,
+                                                                     active=active, **parts)))
                         token = self._choose(logits, esamp, adapter, source, sampling, uniforms[step],
-                                             for_update=updater is None or updater.reuses_prediction)
+                                             for_update=updater is None or updater.reuses_prediction,
+                                             active=active, betas=betas, observe=observe)
                         if updater is not None:
                             updater.stage(source, target, active)
                             updater.launch()
@@ -291,7 +378,8 @@ class DecodeEngine:
         mode = "eager" + (f", {esamp.adapter.update_mode} update" if adapter is not None else "")
         return GenerationResult(prompts=done, tokens_generated=int(state.lengths.sum()), decode_seconds=elapsed,
                                 steps=steps_run, adapter_stats=adapter.stats() if adapter is not None else None,
-                                nonfinite_rows=int(state.nonfinite.sum()), mode=mode)
+                                nonfinite_rows=int(state.nonfinite.sum()), mode=mode,
+                                kl_budget=betas.stats() if betas is not None else None)
 
     def _uniforms(self, settings: DecodeSettings, rows: int) -> torch.Tensor:
         """One uniform number per row and step, drawn up front ([max_new_tokens, rows]).

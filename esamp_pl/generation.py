@@ -93,6 +93,8 @@ def run_summary(cfg: DictConfig, result: GenerationResult | None, *, interrupted
                        decode_seconds=round(result.decode_seconds, 3),
                        tokens_per_second=round(result.tokens_per_second, 3))
         summary["truncated_rows"] = result.truncated_rows  # row-steps whose candidate set was cut; 0 = exact
+        if result.kl_budget is not None:  # esamp.kl_budget: the beta it realised, per row-step
+            summary.update(kl_budget=result.kl_budget.as_dict())
         stats = result.adapter_stats
         if stats is not None:
             losses = [finite_or_none(v) for v in stats.loss_per_step]
@@ -174,7 +176,7 @@ def summary_line(summary: dict[str, Any]) -> str:
     from esamp_pl.files import dumps_json
 
     keys = ("engine_mode", "tokens_generated", "tokens_per_second", "distiller_updates", "skipped_updates",
-            "loss_first_step", "loss_last_step", "relative_error_first_step", "relative_error_last_step")
+            "loss_first_step", "loss_last_step", "relative_error_first_step", "relative_error_last_step", "kl_budget")
     return dumps_json({k: summary[k] for k in keys if k in summary})
 
 

@@ -42,6 +42,7 @@ from transformers.cache_utils import StaticLayer
 from esamp_pl.adapter import TestTimeAdapter
 from esamp_pl.async_update import InlineUpdater, StreamUpdater, make_updater
 from esamp_pl.engine import DecodeEngine, DecodeSettings, DecodeState, GenerationResult, PromptResult
+from esamp_pl.kl_budget import BetaRecorder
 from esamp_pl.sites import SiteCapture, SitePair
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class _Program:
     truncated: torch.Tensor
     adapter: TestTimeAdapter | None
     updater: InlineUpdater | None
+    betas: BetaRecorder | None = None
+    "realised beta and KL per step (esamp.kl_budget set)"
     logits: torch.Tensor | None = None
     source: torch.Tensor | None = None
     target: torch.Tensor | None = None
@@ -107,7 +110,8 @@ class StaticDecodeEngine(DecodeEngine):
         uniform = prog.uniforms.index_select(0, prog.step).squeeze(0)
         for_update = prog.updater is None or prog.updater.reuses_prediction
         token = self._choose(prog.logits, settings.esamp, prog.adapter, prog.source, settings.sampling, uniform,
-                             exact=not self.fixed_candidates, for_update=for_update, truncated=prog.truncated)
+                             exact=not self.fixed_candidates, for_update=for_update, truncated=prog.truncated,
+                             active=active, betas=prog.betas)
         prog.input_ids.copy_(token.unsqueeze(-1))
         prog.state.record(token, prog.step, stops, self.pad_token_id, prog.logits)
         prog.step += 1
@@ -154,7 +158,8 @@ class StaticDecodeEngine(DecodeEngine):
             write_column=torch.zeros(1, **long), step=torch.zeros(1, **long),
             uniforms=torch.zeros(settings.max_new_tokens, rows, device=device),
             state=DecodeState.empty(rows, settings.max_new_tokens, self.pad_token_id, device),
-            truncated=torch.zeros((), **long), adapter=adapter, updater=updater, key=key)
+            truncated=torch.zeros((), **long), adapter=adapter, updater=updater,
+            betas=self._beta_recorder(settings, rows, device), key=key)
 
     def _load(self, prog: _Program, prefill_cache: DynamicCache, attention_mask: torch.Tensor,
               next_position: torch.Tensor, settings: DecodeSettings, n: int, initial_state) -> None:
@@ -176,6 +181,8 @@ class StaticDecodeEngine(DecodeEngine):
         state.generated.fill_(self.pad_token_id)
         for t in (state.lengths, state.stopped, state.finished, state.logprob_sums, state.nonfinite, prog.truncated):
             t.zero_()
+        if prog.betas is not None:
+            prog.betas.reset()
         if prog.adapter is not None:
             prog.adapter.restart(torch.Generator().manual_seed(settings.seed + 1), initial_state)
 
@@ -291,7 +298,8 @@ class StaticDecodeEngine(DecodeEngine):
                                 tokens_generated=int(prog.state.lengths.sum()), decode_seconds=elapsed,
                                 steps=steps_run, adapter_stats=adapter_stats, truncated_rows=int(prog.truncated),
                                 nonfinite_rows=int(prog.state.nonfinite.sum()),
-                                mode=self._mode(prog, settings))
+                                mode=self._mode(prog, settings),
+                                kl_budget=prog.betas.stats() if prog.betas is not None else None)
 
 
 def check_engine(kind: str) -> str:

@@ -1,0 +1,26 @@
+"""Does the Distiller's error track novelty? Spearman of signal and novelty per init (esamp_pl.novelty).
+
+    python scripts/diagnose_novelty.py threads=1                                 # SmolLM2, 12 creative prompts
+    python scripts/diagnose_novelty.py model=qwen2.5-coder-0.5b limit=8 threads=1
+    python scripts/diagnose_novelty.py inits=[random,warm] betas=[0] kl_budgets=[0.05]
+
+Prints a Markdown table, then (last line) the JSON report {"inits": {"<init>": {"spearman": ...}}}.
+"""
+
+import json
+
+import hydra
+from omegaconf import DictConfig
+
+from esamp_pl.novelty import format_table, run_diagnostic
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="diagnose")
+def main(cfg: DictConfig) -> None:
+    report = run_diagnostic(cfg)
+    print(format_table(report))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

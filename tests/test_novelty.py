@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from esamp_pl.adapter import AdapterSpec
+from esamp_pl.distiller import DistillerSpec
+from esamp_pl.engine import DecodeEngine, DecodeSettings, ESampSettings, StepObservation
+from esamp_pl.kl_budget import candidate_kl
+from esamp_pl.novelty import (NoveltyProbe, _variants, average_ranks, mean_and_se, parse_init, run_diagnostic,
+                              spearman)
+from esamp_pl.optim import AdamSpec
+from esamp_pl.sampling import CandidateSet, SamplingParams
+from esamp_pl.sites import SitePair
+from tests.conftest import tiny_model
+
+
+def test_average_ranks_share_ties():
+    assert average_ranks(torch.tensor([3.0, 1.0, 2.0, 2.0])).tolist() == [4.0, 1.0, 2.5, 2.5]
+    assert average_ranks(torch.tensor([7.0, 7.0, 7.0])).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_spearman_against_hand_computations():
+    # No ties: 1 - 6 sum d^2 / (n (n^2 - 1)) with d = [-1, 1, -1, 1, 0]: 1 - 24 / 120.
+    x, y = torch.tensor([1.0, 2, 3, 4, 5]), torch.tensor([2.0, 1, 4, 3, 5])
+    assert spearman(x, y) == pytest.approx(0.8)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    # Ties: ranks [1, 2.5, 2.5, 4] and [1, 3, 2, 4]; Pearson of the ranks = 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10).
+    assert spearman(torch.tensor([1.0, 2, 2, 3]), torch.tensor([10.0, 30, 20, 40])) == pytest.approx(3 / math.sqrt(10))
+    assert spearman(torch.tensor([1.0, 1, 1]), torch.tensor([1.0, 2, 3])) is None  # a constant side
+    assert spearman(torch.tensor([1.0, 2]), torch.tensor([2.0, 1])) is None  # too few pairs
+    with pytest.raises(ValueError, match="pairs"):
+        spearman(torch.tensor([1.0, 2, 3]), torch.tensor([1.0, 2]))
+
+
+def test_mean_and_se():
+    mean, se = mean_and_se([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and se == pytest.approx(math.sqrt(5 / 3) / 2)
+    assert math.isnan(mean_and_se([1.0])[1]) and math.isnan(mean_and_se([])[0])
+
+
+def observation(step, target, error, active, scores=None):
+    """A step of one prompt with len(target) rows; prediction = target * (1 - error): signal = error^2."""
+    rows = target.shape[0]
+    lm = torch.tensor([[2.0, 1.0, 0.0]]).repeat(rows, 1)
+    candidates = CandidateSet(token_ids=torch.arange(3).repeat(rows, 1), logits=lm,
+                              keep=torch.tensor([[True, True, False]]).repeat(rows, 1))
+    return StepObservation(step=step, source=target, target=target, prediction=target * (1 - error.unsqueeze(-1)),
+                           candidates=candidates, scores=lm if scores is None else scores, active=active)
+
+
+def test_probe_novelty_memory_signal_and_tilt():
+    e = torch.eye(4)
+    probe = NoveltyProbe(num_prompts=1, n=4)
+    everyone = torch.ones(4, dtype=torch.bool)
+    probe(observation(1, 3 * e, torch.zeros(4), everyone))  # memory: e1..e4 (scaled: cos ignores the norm)
+    assert probe.prompts[0].signals == []  # no earlier step: novelty undefined
+    target = torch.stack([e[0], (e[0] + e[1]), -e[2], e[3]])
+    error = torch.tensor([0.1, 0.2, 0.3, 0.9])
+    tilted = torch.tensor([[2.5, 0.5, 9.0]]).repeat(4, 1)
+    probe(observation(2, target, error, torch.tensor([True, True, True, False]), scores=tilted))
+    trace = probe.prompts[0]
+    torch.testing.assert_close(trace.novelties[0], torch.tensor([0.0, 1 - 1 / math.sqrt(2), 1.0]))
+    torch.testing.assert_close(trace.signals[0], error[:3] ** 2)
+    assert trace.step_correlations == [pytest.approx(1.0)]
+    assert len(trace.memory) == 2 and trace.memory[1].shape == (3, 4)  # the inactive row is not remembered
+    summary = probe.summary()
+    assert summary["spearman"] == pytest.approx(1.0) and summary["prompts_counted"] == 1
+    # Step 1 spent nothing; step 2 tilts [2, 1] to [2.5, 0.5] on the candidates (the third is not one).
+    kl_step2 = candidate_kl(tilted[:1], torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([[True, True, False]]))
+    assert summary["kl_per_step"] == pytest.approx(float(kl_step2) * 3 / 7)
+    assert summary["abs_dlogit"] == pytest.approx(0.5 * 3 / 7)
+
+
+LOOP, CUE = 200, 5
+
+
+def looping_model():
+    """A tiny LM with a planted repetition: after the cue token some rows fall into a self-loop (they repeat
+    one state: novelty 0) while the others wander over the vocabulary (new states)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()  # no context: a position's states depend on its token only
+        model.model.layers[0].mlp.down_proj.weight.zero_()  # source s = the token's embedding
+        model.model.layers[1].mlp.down_proj.weight.mul_(3.0)  # target h: a nonlinear map of s, to be learned
+        h = model.model(input_ids=torch.arange(256).unsqueeze(1)).last_hidden_state[:, -1]
+        head = model.lm_head.weight
+        head.mul_(0.05)  # near-uniform next token: rows wander
+        head[LOOP] = 1.5 * h[LOOP] / h[LOOP].norm() + math.log(255) * h[CUE] / h[CUE].pow(2).sum()
+    return model
+
+
+def test_planted_repetition_gives_a_positive_correlation_only_when_the_distiller_learns():
+    engine = DecodeEngine(looping_model(), sites=SitePair(), stop_token_ids=[255], pad_token_id=0)
+    prompts = [[1, 2, CUE], [3, 4, CUE], [6, 7, 8, CUE], [9, CUE]]
+    summaries = {}
+    for learn in (True, False):
+        spec = AdapterSpec(DistillerSpec(hidden_size=64, rank=8), update_mode="sync", learn=learn,
+                           optimizer=AdamSpec(lr=3e-2))
+        settings = DecodeSettings(n=8, max_new_tokens=16, seed=0, esamp=ESampSettings(spec, beta=0.0),
+                                  sampling=SamplingParams(min_p=0.0, max_candidates=256))
+        probe = NoveltyProbe(len(prompts), 8)
+        result = engine.generate(prompts, settings, observer=probe)
+        assert any(s.token_ids[0] == LOOP for p in result.prompts for s in p.samples)
+        signal = torch.cat([s for trace in probe.prompts for s in trace.signals])
+        novelty = torch.cat([s for trace in probe.prompts for s in trace.novelties])
+        repeats = novelty < 1e-4
+        assert 50 < repeats.sum() < repeats.numel() - 50
+        summaries[learn] = probe.summary(), signal[repeats].mean() / signal[~repeats].mean()
+    (learned, learned_ratio), (frozen, frozen_ratio) = summaries[True], summaries[False]
+    # Trained on the repeated states, the Distiller errs less on them: signal rises with novelty.
+    assert learned_ratio < 0.75 and frozen_ratio > 0.9
+    assert learned["spearman"] > 0.2 and learned["spearman"] > 2 * learned["spearman_se"]
+    assert learned["spearman_pooled"] > 0.2
+    assert abs(frozen["spearman"]) < 0.15 and learned["spearman"] - frozen["spearman"] > 0.25
+
+
+def test_init_names_and_variants_are_validated():
+    assert parse_init("warm") == ("warm", True) and parse_init("frozen_svd") == ("svd", False)
+    with pytest.raises(ValueError, match="unknown init 'frozen_best'"):
+        parse_init("frozen_best")
+    cfg = OmegaConf.create({"betas": [0.0, 0.25], "kl_budgets": [0.05]})
+    assert [label for label, _ in _variants(cfg)] == ["beta0", "beta0.25", "kl0.05"]
+    with pytest.raises(ValueError, match="betas"):
+        _variants(OmegaConf.create({"betas": [-1.0]}))
+
+
+def test_run_diagnostic_refuses_bad_settings_before_loading_a_model(tmp_path):
+    cfg = OmegaConf.load("conf/diagnose.yaml")
+    cfg.merge_with(OmegaConf.create({
+        "model": OmegaConf.load("conf/model/smollm2-135m.yaml"), "sampling": OmegaConf.load("conf/sampling/min_p.yaml"),
+        "esamp": OmegaConf.load("conf/esamp/paper.yaml"), "distiller": OmegaConf.load("conf/distiller/default.yaml"),
+        "output_dir": str(tmp_path)}))
+    del cfg["defaults"], cfg["hydra"]
+    bad = cfg.copy()
+    bad.inits = ["random", "best"]
+    with pytest.raises(ValueError, match="unknown init 'best'"):
+        run_diagnostic(bad)
+    sharpen = cfg.copy()
+    sharpen.esamp.mode = "sharpen_only"
+    with pytest.raises(ValueError, match="needs ESamp with a Distiller"):
+        run_diagnostic(sharpen)
+    assert list(tmp_path.iterdir()) == []
