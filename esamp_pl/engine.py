@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from esamp_pl.adapter import AdapterSpec, AdapterStats, TestTimeAdapter
 from esamp_pl.async_update import make_updater
+from esamp_pl.error_signal import ERROR_KINDS, prediction_for_fusion
 from esamp_pl.sampling import SamplingParams, fuse, sample_from_candidates, select_candidates
 from esamp_pl.sites import OutputHead, SiteCapture, SitePair
 
@@ -43,12 +44,16 @@ class ESampSettings:
     "strength of the tilt toward unexplored directions; 0 gives exactly plain sampling"
     mode: str = "esamp"
     "esamp: (1 + beta) l - beta d; sharpen_only: (1 + beta) l, no Distiller (a control for the sharpening)"
+    error: str = "plain"
+    "plain: tilt along e_i = h_i - f(s_i) (paper); relative: along e_i minus its prompt's mean (error_signal.py)"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and self.beta == self.beta):
             raise ValueError(f"esamp.beta must be a float >= 0 (paper default 0.25), but is {self.beta}")
         if self.mode not in FUSION_MODES:
             raise ValueError(f"esamp.mode must be one of {FUSION_MODES}, but is {self.mode!r}")
+        if self.error not in ERROR_KINDS:
+            raise ValueError(f"esamp.error must be one of {ERROR_KINDS}, but is {self.error!r}")
 
     @property
     def uses_distiller(self) -> bool:
@@ -196,11 +201,13 @@ class DecodeEngine:
 
     def _choose(self, logits, esamp: ESampSettings | None, adapter: TestTimeAdapter | None, source,
                 sampling: SamplingParams, uniform: torch.Tensor, *, exact: bool = True, for_update: bool = True,
-                truncated: torch.Tensor | None = None) -> torch.Tensor:
+                truncated: torch.Tensor | None = None, target: torch.Tensor | None = None,
+                active: torch.Tensor | None = None) -> torch.Tensor:
         """Filter, fuse (when ESamp is on) and sample one token per row.
 
         ``exact=False`` keeps the candidate space at ``max_candidates`` (fixed shapes) and adds the
         rows it cut to ``truncated``; ``for_update`` is passed on to :meth:`TestTimeAdapter.predict`.
+        ``target`` (this step's target states) and ``active`` (unfinished rows) serve ``esamp.error=relative``.
         """
         candidates = select_candidates(logits, sampling, exact=exact)
         if truncated is not None and candidates.partial:
@@ -211,6 +218,9 @@ class DecodeEngine:
         if adapter is not None:
             prediction = adapter.predict(source, for_update=for_update)
             if esamp.beta > 0:
+                # esamp.error: the error the tilt follows (plain: the prediction as is; see error_signal.py)
+                prediction = prediction_for_fusion(prediction, target, active, adapter.samples_per_prompt,
+                                                   esamp.error)
                 distiller_logits = self.head.logits_at(prediction, candidates.token_ids)
                 scores = fuse(candidates.logits.float(), distiller_logits.float(), esamp.beta)
         return sample_from_candidates(candidates, scores, sampling, uniform)
@@ -256,7 +266,8 @@ class DecodeEngine:
                         if updater is not None:
                             updater.wait()
                         token = self._choose(logits, esamp, adapter, source, sampling, uniforms[step],
-                                             for_update=updater is None or updater.reuses_prediction)
+                                             for_update=updater is None or updater.reuses_prediction,
+                                             target=target, active=active)
                         if updater is not None:
                             updater.stage(source, target, active)
                             updater.launch()

@@ -64,9 +64,10 @@ def esamp_settings(esamp_cfg: Any, distiller_cfg: Any, hidden_size: int = _UNKNO
         values.pop(key, None)
     beta = values.pop("beta", 0.25)
     mode = values.pop("mode", "esamp")
+    error = values.pop("error", "plain")
     adapter = _build(AdapterSpec, {**values, "distiller": distiller_spec(distiller_cfg, hidden_size),
                                    "optimizer": _build(AdamSpec, optimizer, "esamp.optimizer")}, "esamp")
-    return ESampSettings(adapter=adapter, beta=beta, mode=mode)
+    return ESampSettings(adapter=adapter, beta=beta, mode=mode, error=error)
 
 
 def decode_settings(cfg: DictConfig, hidden_size: int = _UNKNOWN_HIDDEN) -> DecodeSettings:

@@ -102,7 +102,8 @@ class StaticDecodeEngine(DecodeEngine):
         uniform = prog.uniforms.index_select(0, prog.step).squeeze(0)
         for_update = prog.updater is None or prog.updater.reuses_prediction
         token = self._choose(prog.logits, settings.esamp, prog.adapter, prog.source, settings.sampling, uniform,
-                             exact=False, for_update=for_update, truncated=prog.truncated)
+                             exact=False, for_update=for_update, truncated=prog.truncated, target=prog.target,
+                             active=active)
         prog.input_ids.copy_(token.unsqueeze(-1))
         prog.state.record(token, prog.step, stops, self.pad_token_id, prog.logits)
         prog.step += 1
