@@ -1,0 +1,112 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from esamp_pl.adapter import AdapterSpec, TestTimeAdapter
+from esamp_pl.async_update import make_updater
+from esamp_pl.distiller import DistillerSpec
+from esamp_pl.engine import DecodeEngine, DecodeSettings, ESampSettings
+from esamp_pl.sampling import SamplingParams
+from esamp_pl.settings import esamp_settings
+from esamp_pl.sites import SitePair
+from esamp_pl.static_engine import StaticDecodeEngine
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20]]
+EXACT = SamplingParams(max_candidates=256)
+
+
+def adapter(prompts, n, every, lr=1e-2):
+    spec = AdapterSpec(DistillerSpec(hidden_size=16, rank=8), update_every=every)
+    spec = AdapterSpec(spec.distiller, optimizer=spec.optimizer.__class__(lr=lr), update_every=every)
+    return TestTimeAdapter(spec, prompts, n, generator=torch.Generator().manual_seed(0))
+
+
+def params(a):
+    return {k: v.detach().clone() for k, v in a.bank.named_parameters()}
+
+
+def test_a_block_update_is_one_step_on_all_pairs_of_its_k_steps():
+    k, prompts, n = 3, 2, 2
+    ring_adapter, reference = adapter(prompts, n, k), adapter(prompts, n * k, 1)
+    torch.manual_seed(1)
+    sources, targets = torch.randn(k, prompts * n, 16), torch.randn(k, prompts * n, 16)
+    active = torch.ones(k, prompts * n, dtype=torch.bool)
+    active[2, 1] = False  # a row that finished before the last step of the block
+    updater = make_updater(ring_adapter, "sync", device=torch.device("cpu"))
+    start = params(ring_adapter)
+    for step in range(k):
+        updater.stage(sources[step], targets[step], active[step])
+        updater.launch()
+        if step < k - 1:
+            assert all(torch.equal(p, start[name]) for name, p in ring_adapter.bank.named_parameters())
+
+    def per_prompt(x):  # [k, prompts * n, ...] -> prompt-major rows of k * n samples each
+        return x.view(k, prompts, n, *x.shape[2:]).transpose(0, 1).reshape(prompts * n * k, *x.shape[2:])
+
+    reference.update_on(per_prompt(sources), per_prompt(targets), per_prompt(active))
+    for name, p in reference.bank.named_parameters():
+        torch.testing.assert_close(ring_adapter.bank.state_dict()[name], p.detach(), rtol=1e-5, atol=1e-6)
+    ours, theirs = ring_adapter.stats(), reference.stats()
+    assert ours.updates == theirs.updates == prompts
+    torch.testing.assert_close(ours.loss_per_step, theirs.loss_per_step, rtol=1e-6, atol=0)
+    # The loss is the mean over the block's trained pairs of ||h - f(s)||^2 under the parameters before it.
+    with torch.no_grad():
+        predicted = adapter(prompts, n, 1).bank(sources.view(k, prompts, n, 16).transpose(0, 1).reshape(prompts, -1, 16))
+    squared = (predicted.view(prompts, k, n, 16) - targets.view(k, prompts, n, 16).transpose(0, 1)).pow(2).sum(-1)
+    keep = active.view(k, prompts, n).transpose(0, 1)
+    assert ours.loss_per_step[0] == pytest.approx(float(squared[keep].mean()), rel=1e-5)
+
+
+def esamp(every, update_mode="sync"):
+    return ESampSettings(AdapterSpec(DistillerSpec(hidden_size=64, rank=8), update_mode=update_mode,
+                                     update_every=every), beta=0.5)
+
+
+def tokens(result):
+    return [s.token_ids for p in result.prompts for s in p.samples]
+
+
+@pytest.mark.parametrize("kind", ["eager", "static"])
+def test_every_k_steps_counts_its_updates_and_both_engines_agree(tiny_llama, kind):
+    common = dict(sites=SitePair(), stop_token_ids=[2], pad_token_id=0)
+    engine = (DecodeEngine if kind == "eager" else StaticDecodeEngine)(tiny_llama, **common)
+    settings = DecodeSettings(n=2, max_new_tokens=20, seed=3, sampling=EXACT, esamp=esamp(3), ignore_eos=True)
+    result = engine.generate(PROMPTS, settings)
+    assert result.steps == 19
+    assert result.adapter_stats.updates == len(PROMPTS) * (19 // 3)  # a last partial block is not trained on
+    assert len(result.adapter_stats.loss_per_step) == 19 // 3
+    reference = DecodeEngine(tiny_llama, **common).generate(PROMPTS, settings)
+    assert tokens(result) == tokens(reference)
+    every_step = DecodeEngine(tiny_llama, **common).generate(
+        PROMPTS, DecodeSettings(n=2, max_new_tokens=20, seed=3, sampling=EXACT, esamp=esamp(1), ignore_eos=True))
+    assert tokens(every_step) != tokens(result)  # k changes which parameters the predictions use
+
+
+def test_async_update_gives_the_sync_tokens_with_k_greater_than_one(tiny_llama):
+    engine = DecodeEngine(tiny_llama, sites=SitePair(), stop_token_ids=[30, 31, 32], pad_token_id=0)
+    runs = [engine.generate(PROMPTS, DecodeSettings(n=3, max_new_tokens=16, seed=1, sampling=EXACT,
+                                                    esamp=esamp(4, mode))) for mode in ("sync", "async")]
+    assert tokens(runs[0]) == tokens(runs[1])
+    assert runs[0].adapter_stats.loss_per_step == runs[1].adapter_stats.loss_per_step
+    assert runs[0].adapter_stats.updates == runs[1].adapter_stats.updates > 0
+
+
+@pytest.mark.parametrize("kind", ["eager", "static"])
+def test_k_equal_one_is_the_per_step_update_bit_for_bit(tiny_llama, kind):
+    common = dict(sites=SitePair(), stop_token_ids=[30, 31, 32], pad_token_id=0)
+    engine = (DecodeEngine if kind == "eager" else StaticDecodeEngine)(tiny_llama, **common)
+    default = ESampSettings(AdapterSpec(DistillerSpec(hidden_size=64, rank=8), update_mode="sync"), beta=0.5)
+    a = engine.generate(PROMPTS, DecodeSettings(n=3, max_new_tokens=16, seed=1, sampling=EXACT, esamp=default))
+    b = engine.generate(PROMPTS, DecodeSettings(n=3, max_new_tokens=16, seed=1, sampling=EXACT, esamp=esamp(1)))
+    assert tokens(a) == tokens(b)
+    assert a.adapter_stats.loss_per_step == b.adapter_stats.loss_per_step
+    assert a.adapter_stats.updates == b.adapter_stats.updates == len(PROMPTS) * a.steps  # no row stops early
+    assert default.adapter.update_every == 1
+
+
+def test_update_every_is_a_validated_config_key():
+    distiller = OmegaConf.create({"rank": 8})
+    assert esamp_settings(OmegaConf.create({"update_every": 4}), distiller, 64).adapter.update_every == 4
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"esamp.update_every must be an integer >= 1.*but is {bad!r}"):
+            AdapterSpec(DistillerSpec(hidden_size=8), update_every=bad)
