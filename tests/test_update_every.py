@@ -110,3 +110,55 @@ def test_update_every_is_a_validated_config_key():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match=f"esamp.update_every must be an integer >= 1.*but is {bad!r}"):
             AdapterSpec(DistillerSpec(hidden_size=8), update_every=bad)
+
+
+def _relative_every(every, update_mode):
+    adapter = AdapterSpec(DistillerSpec(hidden_size=64, rank=8), update_mode=update_mode, update_every=every)
+    return ESampSettings(adapter, beta=0.5, error="relative")
+
+
+@pytest.mark.parametrize("update_mode", ["sync", "async"])
+def test_neither_option_reads_a_device_value_on_the_host_inside_a_step(tiny_llama, monkeypatch, update_mode):
+    static = StaticDecodeEngine(tiny_llama, sites=SitePair(), stop_token_ids=[2], pad_token_id=0)
+    step, inside = StaticDecodeEngine._decode_step, []
+
+    def guarded(self, *args):
+        inside.append(True)
+        try:
+            step(self, *args)
+        finally:
+            inside.pop()
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def check(tensor, *args, _name=name, _original=original, **kwargs):
+            if inside:
+                raise AssertionError(f"Tensor.{_name} (a host synchronisation) inside the decode step")
+            return _original(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, check)
+    monkeypatch.setattr(StaticDecodeEngine, "_decode_step", guarded)
+    result = static.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=10, esamp=_relative_every(3, update_mode),
+                                                     ignore_eos=True))
+    assert result.steps == 9 and result.adapter_stats.updates == len(PROMPTS) * 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("update_mode", ["sync", "async"])
+@pytest.mark.parametrize("every", [1, 3])
+def test_cuda_graph_replay_equals_eager_with_both_options(update_mode, every):
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama").cuda()
+    common = dict(sites=SitePair(), stop_token_ids=list(range(30, 40)), pad_token_id=0)
+    graphed = StaticDecodeEngine(model, **common, cuda_graphs=True)
+    settings = DecodeSettings(n=3, max_new_tokens=16, seed=2, sampling=EXACT, esamp=_relative_every(every, update_mode))
+    replayed = graphed.generate(PROMPTS, settings)
+    assert replayed.mode.startswith("static, cuda graphs") and graphed.graph_failure is None, replayed.mode
+    for reference in (StaticDecodeEngine(model, **common, cuda_graphs=False).generate(PROMPTS, settings),
+                      DecodeEngine(model, **common).generate(PROMPTS, settings)):
+        assert tokens(replayed) == tokens(reference)
+        assert replayed.adapter_stats.updates == reference.adapter_stats.updates > 0
+        torch.testing.assert_close(replayed.adapter_stats.loss_per_step, reference.adapter_stats.loss_per_step)
+    assert tokens(graphed.generate(PROMPTS, settings)) == tokens(replayed)  # replayed graphs, restarted state
