@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 from esamp_pl.pretrain.corpus import PackedCorpus
 from esamp_pl.sites import OutputHead, SiteCapture, SitePair
 
+log = logging.getLogger(__name__)
 FORMAT = "esamp_pl.pairs/1"
 MANIFEST = "manifest.json"
 SHARD_ROWS = 65536
@@ -110,6 +113,7 @@ def build_pair_cache(loaded, sites: SitePair, corpus: PackedCorpus, *, cache_dty
     dtype = getattr(torch, cache_dtype)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    started = time.perf_counter()
     try:
         shards, buffer, rows = [], [], 0
 
@@ -146,6 +150,8 @@ def build_pair_cache(loaded, sites: SitePair, corpus: PackedCorpus, *, cache_dty
         if folder.exists():  # an incomplete or foreign folder under our key: replace it
             shutil.rmtree(folder)
         os.rename(tmp, folder)
+        seconds = time.perf_counter() - started
+        log.info("extracted %d pairs in %.1f s: %.0f pairs/s", rows, seconds, rows / max(seconds, 1e-9))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
