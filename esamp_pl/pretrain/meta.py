@@ -38,6 +38,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
 
 from esamp_pl.adapter import AdapterSpec, TestTimeAdapter
 from esamp_pl.async_update import make_updater
@@ -108,7 +109,7 @@ def write_episodes(model, engine, sites: SitePair, prompt_ids: list[list[int]], 
     dtype = getattr(torch, spec.cache_dtype)
     device = next(model.parameters()).device
     episodes = []
-    for first in range(0, len(prompt_ids), spec.generation_batch_size):
+    for first in tqdm(range(0, len(prompt_ids), spec.generation_batch_size), desc="episodes", unit="batch"):
         chunk = prompt_ids[first:first + spec.generation_batch_size]
         result = engine.generate(chunk, dataclasses.replace(settings, seed=spec.seed + first))
         for done in result.prompts:
