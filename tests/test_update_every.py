@@ -5,6 +5,7 @@ from omegaconf import OmegaConf
 from esamp_pl.adapter import AdapterSpec, TestTimeAdapter
 from esamp_pl.async_update import make_updater
 from esamp_pl.distiller import DistillerSpec
+from esamp_pl.optim import AdamSpec
 from esamp_pl.engine import DecodeEngine, DecodeSettings, ESampSettings
 from esamp_pl.sampling import SamplingParams
 from esamp_pl.settings import esamp_settings
@@ -15,9 +16,9 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20]]
 EXACT = SamplingParams(max_candidates=256)
 
 
-def adapter(prompts, n, every, lr=1e-2):
-    spec = AdapterSpec(DistillerSpec(hidden_size=16, rank=8), update_every=every)
-    spec = AdapterSpec(spec.distiller, optimizer=spec.optimizer.__class__(lr=lr), update_every=every)
+def adapter(prompts, n, every, lr=1e-2, scope="per_prompt", rows_trained="all"):
+    spec = AdapterSpec(DistillerSpec(hidden_size=16, rank=8), optimizer=AdamSpec(lr=lr), update_every=every,
+                       scope=scope, rows_trained=rows_trained)
     return TestTimeAdapter(spec, prompts, n, generator=torch.Generator().manual_seed(0))
 
 
@@ -25,9 +26,10 @@ def params(a):
     return {k: v.detach().clone() for k, v in a.bank.named_parameters()}
 
 
-def test_a_block_update_is_one_step_on_all_pairs_of_its_k_steps():
+@pytest.mark.parametrize("scope", ["per_prompt", "shared"])
+def test_a_block_update_is_one_step_on_all_pairs_of_its_k_steps(scope):
     k, prompts, n = 3, 2, 2
-    ring_adapter, reference = adapter(prompts, n, k), adapter(prompts, n * k, 1)
+    ring_adapter, reference = adapter(prompts, n, k, scope=scope), adapter(prompts, n * k, 1, scope=scope)
     torch.manual_seed(1)
     sources, targets = torch.randn(k, prompts * n, 16), torch.randn(k, prompts * n, 16)
     active = torch.ones(k, prompts * n, dtype=torch.bool)
@@ -47,14 +49,36 @@ def test_a_block_update_is_one_step_on_all_pairs_of_its_k_steps():
     for name, p in reference.bank.named_parameters():
         torch.testing.assert_close(ring_adapter.bank.state_dict()[name], p.detach(), rtol=1e-5, atol=1e-6)
     ours, theirs = ring_adapter.stats(), reference.stats()
-    assert ours.updates == theirs.updates == prompts
+    assert ours.updates == theirs.updates == (prompts if scope == "per_prompt" else 1)
     torch.testing.assert_close(ours.loss_per_step, theirs.loss_per_step, rtol=1e-6, atol=0)
+    if scope == "shared":
+        return
     # The loss is the mean over the block's trained pairs of ||h - f(s)||^2 under the parameters before it.
     with torch.no_grad():
         predicted = adapter(prompts, n, 1).bank(sources.view(k, prompts, n, 16).transpose(0, 1).reshape(prompts, -1, 16))
     squared = (predicted.view(prompts, k, n, 16) - targets.view(k, prompts, n, 16).transpose(0, 1)).pow(2).sum(-1)
     keep = active.view(k, prompts, n).transpose(0, 1)
     assert ours.loss_per_step[0] == pytest.approx(float(squared[keep].mean()), rel=1e-5)
+
+
+def test_rows_trained_first_holds_in_every_step_of_a_block():
+    k, prompts, n = 2, 2, 3
+    ring_adapter = adapter(prompts, n, k, rows_trained="first")
+    reference = adapter(prompts, k, 1)  # only sample 0 of each prompt, at both steps
+    torch.manual_seed(2)
+    sources, targets = torch.randn(k, prompts * n, 16), torch.randn(k, prompts * n, 16)
+    updater = make_updater(ring_adapter, "sync", device=torch.device("cpu"))
+    for step in range(k):
+        updater.stage(sources[step], targets[step], torch.ones(prompts * n, dtype=torch.bool))
+        updater.launch()
+    first = [0, n]  # sample 0 of each prompt
+
+    def per_prompt(x):
+        return x[:, first].transpose(0, 1).reshape(prompts * k, *x.shape[2:])
+
+    reference.update_on(per_prompt(sources), per_prompt(targets), torch.ones(prompts * k, dtype=torch.bool))
+    for name, p in reference.bank.named_parameters():
+        torch.testing.assert_close(ring_adapter.bank.state_dict()[name], p.detach(), rtol=1e-5, atol=1e-6)
 
 
 def esamp(every, update_mode="sync"):
@@ -96,11 +120,12 @@ def test_k_equal_one_is_the_per_step_update_bit_for_bit(tiny_llama, kind):
     common = dict(sites=SitePair(), stop_token_ids=[30, 31, 32], pad_token_id=0)
     engine = (DecodeEngine if kind == "eager" else StaticDecodeEngine)(tiny_llama, **common)
     default = ESampSettings(AdapterSpec(DistillerSpec(hidden_size=64, rank=8), update_mode="sync"), beta=0.5)
-    a = engine.generate(PROMPTS, DecodeSettings(n=3, max_new_tokens=16, seed=1, sampling=EXACT, esamp=default))
-    b = engine.generate(PROMPTS, DecodeSettings(n=3, max_new_tokens=16, seed=1, sampling=EXACT, esamp=esamp(1)))
+    run = dict(n=3, max_new_tokens=16, seed=1, sampling=EXACT, ignore_eos=True)
+    a = engine.generate(PROMPTS, DecodeSettings(**run, esamp=default))
+    b = engine.generate(PROMPTS, DecodeSettings(**run, esamp=esamp(1)))
     assert tokens(a) == tokens(b)
     assert a.adapter_stats.loss_per_step == b.adapter_stats.loss_per_step
-    assert a.adapter_stats.updates == b.adapter_stats.updates == len(PROMPTS) * a.steps  # no row stops early
+    assert a.adapter_stats.updates == b.adapter_stats.updates == len(PROMPTS) * a.steps
     assert default.adapter.update_every == 1
 
 
