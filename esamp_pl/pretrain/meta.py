@@ -7,9 +7,8 @@ init for that:
 
 * **Episodes** (:func:`write_episodes`): the LM answers seed prompts with n samples each (the
   engine, plain sampling with the generation filters), and for every decode step t >= 1 and sample
-  i still running, the (s, h) pair the engine captured at that step is recomputed by one teacher-forced
-  forward of prompt + answer (the state at the position of token t - 1). Pairs are stored prompt by
-  prompt, in decode order, with their prompt, sample and step ids (:mod:`esamp_pl.pretrain.shards`).
+  i still running, the (s, h) pair of that very step is kept. Pairs are stored prompt by prompt, in
+  decode order, with their prompt, sample and step ids (:mod:`esamp_pl.pretrain.shards`).
 * **Inner loop** (:meth:`MetaDistillerModule.adapt`): a :class:`~esamp_pl.adapter.TestTimeAdapter`
   built from the ``esamp`` config (optimizer, scope, rows trained, ``update_every``) is loaded with
   the current init and driven step by step through the project's own updater, exactly as the engine
@@ -98,44 +97,45 @@ class EpisodeSpec:
 
 @torch.no_grad()
 def write_episodes(model, engine, sites: SitePair, prompt_ids: list[list[int]], spec: EpisodeSpec,
-                   writer: ShardWriter, *, pad_token_id: int) -> list[dict[str, Any]]:
+                   writer: ShardWriter) -> list[dict[str, Any]]:
     """Generate ``spec.n`` samples per prompt and add each prompt's decode-step pairs to ``writer``.
 
-    Rows of a prompt are contiguous, ordered by step then sample. Returns one record per prompt:
-    ``{"prompt", "start", "rows"}`` (its row range in the store).
+    The pairs are the states of the decode steps themselves, read by a second :class:`SiteCapture`
+    on the same sites after each step (``on_step``), so they cost no extra forward. ``engine`` must
+    run its steps eagerly (the eager engine), so that the hooks fire. Rows of a prompt are
+    contiguous, ordered by step then sample. Returns one record per prompt: ``{"prompt", "start",
+    "rows"}`` (its row range in the store).
     """
     settings = DecodeSettings(n=spec.n, max_new_tokens=spec.max_new_tokens, seed=spec.seed,
                               sampling=SamplingParams(temperature=spec.temperature, min_p=spec.min_p, top_p=1.0))
     dtype = getattr(torch, spec.cache_dtype)
-    device = next(model.parameters()).device
     episodes = []
     for first in tqdm(range(0, len(prompt_ids), spec.generation_batch_size), desc="episodes", unit="batch"):
         chunk = prompt_ids[first:first + spec.generation_batch_size]
-        result = engine.generate(chunk, dataclasses.replace(settings, seed=spec.seed + first))
+        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with SiteCapture(model, sites) as capture:
+            def keep(step: int) -> None:
+                pair = capture.pop()  # step 0: the prefill's states, neither trained on nor kept
+                if step > 0:
+                    captured.append((pair[0].to("cpu", dtype), pair[1].to("cpu", dtype)))
+
+            result = engine.generate(chunk, dataclasses.replace(settings, seed=spec.seed + first), on_step=keep)
+        if not captured:  # every sample stopped at its first token: no decode step, no pairs
+            episodes += [{"prompt": first + done.prompt_index, "start": writer.added, "rows": 0}
+                         for done in result.prompts]
+            continue
+        source, target = torch.stack([c[0] for c in captured]), torch.stack([c[1] for c in captured])  # [t, rows, d]
         for done in result.prompts:
-            prompt = chunk[done.prompt_index]
-            answers = [s.token_ids for s in done.samples]
-            width = len(prompt) + max(1, max(len(a) for a in answers))
-            ids = torch.full((spec.n, width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((spec.n, width), dtype=torch.long)
-            for row, answer in enumerate(answers):
-                ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer, dtype=torch.long)
-                mask[row, :len(prompt) + len(answer)] = 1
-            with SiteCapture(model, sites, last_position_only=False) as capture:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
-                source, target = capture.pop()
-            # Decode step t >= 1 feeds answer token t - 1 (position len(prompt) + t - 1); a sample runs at
-            # step t while its first t tokens were kept (no stop token among them) and t < max_new_tokens.
-            lengths = torch.tensor([len(a) for a in answers])
-            step = torch.arange(1, spec.steps + 1)
-            active = step[:, None] <= lengths[None, :]  # [steps, n]
+            # A sample runs at decode step t >= 1 while its first t tokens were kept (no stop token among them).
+            lengths = torch.tensor([len(s.token_ids) for s in done.samples])
+            active = torch.arange(1, len(captured) + 1)[:, None] <= lengths[None, :]  # [steps, n]
             steps, samples = active.nonzero(as_tuple=True)
-            positions = len(prompt) + steps
-            writer_start = writer.added
-            writer.add(source=source[samples, positions].to(dtype), target=target[samples, positions].to(dtype),
+            rows = done.prompt_index * spec.n + samples
+            start = writer.added
+            writer.add(source=source[steps, rows], target=target[steps, rows],
                        prompt=torch.full((len(steps),), first + done.prompt_index, dtype=torch.int32),
                        sample=samples.to(torch.int32), step=(steps + 1).to(torch.int32))
-            episodes.append({"prompt": first + done.prompt_index, "start": writer_start, "rows": len(steps)})
+            episodes.append({"prompt": first + done.prompt_index, "start": start, "rows": len(steps)})
     return sorted(episodes, key=lambda e: e["prompt"])
 
 
@@ -167,8 +167,7 @@ def build_episode_store(loaded, sites: SitePair, spec: EpisodeSpec, *, root: Pat
                                 max_context=loaded.max_context, max_new_tokens=spec.max_new_tokens)
     started = time.perf_counter()
     with ShardWriter(folder, shard_rows=spec.shard_rows) as writer:
-        episodes = write_episodes(loaded.model, build_engine(loaded), sites, prompt_ids, spec, writer,
-                                  pad_token_id=loaded.tokenizer.pad_token_id)
+        episodes = write_episodes(loaded.model, build_engine(loaded, "eager"), sites, prompt_ids, spec, writer)
         for episode in episodes:
             episode["split"] = "val" if episode["prompt"] >= spec.num_prompts - spec.val_prompts else "train"
         store = writer.close({"key": key, "model_name": loaded.spec.name, "model_id": loaded.spec.name_or_path,

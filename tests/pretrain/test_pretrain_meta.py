@@ -26,7 +26,7 @@ def test_an_episode_replays_the_online_steps_the_engine_ran(tiny_llama, tmp_path
     spec = EpisodeSpec(num_prompts=2, val_prompts=1, n=3, max_new_tokens=12, generation_batch_size=2,
                        cache_dtype="float32", shard_rows=16)  # several shards: episodes cross shard boundaries
     with ShardWriter(tmp_path / "episodes", shard_rows=spec.shard_rows) as writer:
-        episodes = write_episodes(tiny_llama, engine, SitePair(), PROMPTS, spec, writer, pad_token_id=0)
+        episodes = write_episodes(tiny_llama, engine, SitePair(), PROMPTS, spec, writer)
         store = writer.close({"hidden_size": 64, "episodes": episodes})
     assert len(store.index["shards"]) > 1 and [e["prompt"] for e in episodes] == [0, 1]
 
