@@ -22,6 +22,7 @@ import torch
 from esamp_pl.distiller import DistillerBank, DistillerSpec, relative_error, squared_error
 from esamp_pl.distiller_grad import DistillerGrad
 from esamp_pl.optim import AdamSpec, BankAdam
+from esamp_pl.pair_ring import PairRing
 
 SCOPES = ("per_prompt", "shared")
 TRAINED_ROWS = ("all", "first")
@@ -43,6 +44,8 @@ class AdapterSpec:
     "False freezes the Distillers (a control that isolates online learning)"
     update_mode: str = "async"
     "async: the update overlaps the next forward (worker thread / CUDA side stream); sync: inline. Same tokens"
+    update_every: int = 1
+    "k: one update every k decode steps on the pairs of those k steps (pair_ring.py); 1 = every step (paper)"
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -51,6 +54,9 @@ class AdapterSpec:
             raise ValueError(f"esamp.rows_trained must be one of {TRAINED_ROWS}, but is {self.rows_trained!r}")
         if self.update_mode not in UPDATE_MODES:
             raise ValueError(f"esamp.update_mode must be one of {UPDATE_MODES}, but is {self.update_mode!r}")
+        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
+            raise ValueError(f"esamp.update_every must be an integer >= 1 (1 = update every step, the paper), "
+                             f"but is {self.update_every!r}")
 
 
 @dataclass
@@ -62,10 +68,10 @@ class AdapterStats:
     skipped_nonfinite: int
     "Distiller steps skipped because none of its rows had finite states, or its gradient was not finite"
     loss_per_step: list[float]
-    "mean ||h - f(s)||^2 over the trained finite rows, per decode step that had rows to train (before that step's\
- update); NaN for a step whose rows were all non-finite (nothing was measured)"
+    "mean ||h - f(s)||^2 over the trained finite rows, per update that had rows to train (before it; one per\
+ decode step unless update_every > 1); NaN for an update whose rows were all non-finite (nothing was measured)"
     relative_error_per_step: list[float]
-    "sum ||h - f(s)||^2 / sum ||h||^2 over the trained finite rows, per decode step; NaN as above"
+    "sum ||h - f(s)||^2 / sum ||h||^2 over the trained finite rows, per update; NaN as above"
 
 
 class TestTimeAdapter:
@@ -93,12 +99,15 @@ class TestTimeAdapter:
         self._history: list[torch.Tensor] = []
         self._history_buffer = None if max_steps is None else torch.zeros(max_steps, 3, device=device)
         self._history_len = torch.zeros(1, dtype=torch.long, device=device)
+        self.ring = PairRing(spec.update_every, num_distillers) if spec.update_every > 1 else None
+        "esamp.update_every > 1: the pairs of the current block (the updater writes and trains on it)"
 
     def _trained_rows(self, active_rows: torch.Tensor) -> torch.Tensor:
         """The rows that train this step: every active row, or (``first``) each prompt's first active one."""
         if self.spec.rows_trained == "all":
             return active_rows
-        per_prompt = active_rows.view(self.num_prompts, self.samples_per_prompt)
+        # Groups of one prompt's samples at one step: [rows] of a step, or a block's [k * rows] (pair_ring.py).
+        per_prompt = active_rows.view(-1, self.samples_per_prompt)
         return (per_prompt & (per_prompt.cumsum(-1) == 1)).view(-1)
 
     def _grouped(self, rows: torch.Tensor) -> torch.Tensor:
@@ -122,6 +131,8 @@ class TestTimeAdapter:
             counter.zero_()
         self._history.clear()
         self._pending = None
+        if self.ring is not None:
+            self.ring.reset()
 
     @staticmethod
     def _clean(source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +155,7 @@ class TestTimeAdapter:
 
     def _forward(self, source: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, tuple | None]:
         prediction, saved = self._grad.forward(self._grouped(source), keep=keep and self.spec.learn)
-        return prediction.reshape(self.rows, -1), saved
+        return prediction.reshape(-1, prediction.shape[-1]), saved
 
     def update(self, target: torch.Tensor, active_rows: torch.Tensor) -> None:
         """One optimizer step per Distiller on this step's pairs of ``active_rows`` ([rows] bool)."""
@@ -162,6 +173,13 @@ class TestTimeAdapter:
         """
         source, finite = self._clean(source)
         self._update(*self._forward(source, keep=True), finite, target, active_rows)
+
+    def update_block(self) -> None:
+        """One optimizer step per Distiller on the pairs of the ring's last k steps (``update_every`` = k):
+        its loss is the mean over those steps' trained rows, as if they were one step of k times the rows."""
+        source, target, active = self.ring.block()
+        source, finite = self._clean(source)
+        self._update(*self._forward(source, keep=True), finite, target, active)
 
     @torch.no_grad()
     def _update(self, prediction, saved, finite_source, target, active_rows) -> None:

@@ -41,9 +41,16 @@ class InlineUpdater:
     def __init__(self, adapter: TestTimeAdapter) -> None:
         self.adapter = adapter
         self._pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        # esamp.update_every > 1: pairs go to the adapter's ring, one update (update_block) per k steps
+        self.ring = adapter.ring
+        if self.ring is not None:
+            self.reuses_prediction = False
 
     def stage(self, source: torch.Tensor, target: torch.Tensor, active: torch.Tensor) -> None:
         """This step's pairs and the rows that may train on them."""
+        if self.ring is not None:
+            self.ring.write(source, target, active)
+            return
         self._pair = (target, active)
 
     def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +60,10 @@ class InlineUpdater:
         return pair
 
     def launch(self) -> None:
+        if self.ring is not None:
+            if self.ring.step_done():
+                self.adapter.update_block()
+            return
         self.adapter.update(*self._take())
 
     def wait(self) -> None:
@@ -72,6 +83,10 @@ class ThreadUpdater(InlineUpdater):
 
     def launch(self) -> None:
         self.wait()
+        if self.ring is not None:
+            if self.ring.step_done():
+                self._future = self._pool.submit(self.adapter.update_block)
+            return
         self._future = self._pool.submit(self.adapter.update, *self._take())
 
     def wait(self) -> None:
@@ -107,6 +122,9 @@ class StreamUpdater(InlineUpdater):
         self._graph: torch.cuda.CUDAGraph | None = None
 
     def stage(self, source: torch.Tensor, target: torch.Tensor, active: torch.Tensor) -> None:
+        if self.ring is not None:
+            self.ring.write(source, target, active)  # fixed buffers already: no staging copy
+            return
         if self.buffers is None:
             self.buffers = (torch.empty_like(source), torch.empty_like(target), torch.empty_like(active))
         for buffer, value in zip(self.buffers, (source, target, active)):
@@ -115,11 +133,15 @@ class StreamUpdater(InlineUpdater):
     def _run(self) -> None:
         if self._graph is not None:
             self._graph.replay()
+        elif self.ring is not None:
+            self.adapter.update_block()
         else:
             self.adapter.update_on(*self.buffers)
 
     def launch(self) -> None:
-        if self.buffers is None:
+        if self.ring is not None and not self.ring.step_done():
+            return  # the block is not complete yet
+        if self.buffers is None and self.ring is None:
             raise RuntimeError("launch() needs this step's pairs: call stage() first")
         if self.stream is None:
             self._run()
@@ -143,9 +165,17 @@ class StreamUpdater(InlineUpdater):
         Call after a few eager launches (warm-up) and with the staging buffers filled.
         """
         self.wait()
+        if self.ring is not None:
+            # Warm-up may not have completed a block; run the update once eagerly (the engine restarts the
+            # adapter after capture, so this step leaves no trace).
+            self.adapter.update_block()
+            torch.cuda.current_stream(self.device).synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=pool):
-            self.adapter.update_on(*self.buffers)
+            if self.ring is not None:
+                self.adapter.update_block()
+            else:
+                self.adapter.update_on(*self.buffers)
         self._graph = graph
 
 

@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from esamp_pl.adapter import AdapterSpec, AdapterStats, TestTimeAdapter
 from esamp_pl.async_update import make_updater
+from esamp_pl.error_signal import ERROR_KINDS, prediction_for_fusion
 from esamp_pl.kl_budget import BetaRecorder, KLBudgetStats, solve_beta
 from esamp_pl.sampling import CandidateSet, SamplingParams, fuse, sample_from_candidates, select_candidates
 from esamp_pl.sites import OutputHead, SiteCapture, SitePair
@@ -48,6 +49,8 @@ class ESampSettings:
     "nats per row and step: beta is solved per row so that KL(pi_new || pi_ref) on the candidates meets it; None = fixed beta"
     beta_max: float = 2.0
     "the largest beta the KL budget may use (rows whose KL at beta_max stays below the budget take it)"
+    error: str = "plain"
+    "plain: tilt along e_i = h_i - f(s_i) (paper); relative: along e_i minus its prompt's mean (error_signal.py)"
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not (
@@ -62,6 +65,8 @@ class ESampSettings:
         if not (_is_number(self.beta_max) and 0 < self.beta_max < math.inf):
             raise ValueError(f"esamp.beta_max must be a finite float > 0 (the largest beta a KL budget may use, "
                              f"e.g. 2.0), but is {self.beta_max!r}")
+        if self.error not in ERROR_KINDS:
+            raise ValueError(f"esamp.error must be one of {ERROR_KINDS}, but is {self.error!r}")
 
     @property
     def uses_distiller(self) -> bool:
@@ -253,15 +258,17 @@ class DecodeEngine:
 
     def _choose(self, logits, esamp: ESampSettings | None, adapter: TestTimeAdapter | None, source,
                 sampling: SamplingParams, uniform: torch.Tensor, *, exact: bool = True, for_update: bool = True,
-                truncated: torch.Tensor | None = None, active: torch.Tensor | None = None,
-                betas: BetaRecorder | None = None, observe: Callable[..., None] | None = None) -> torch.Tensor:
+                truncated: torch.Tensor | None = None, target: torch.Tensor | None = None,
+                active: torch.Tensor | None = None, betas: BetaRecorder | None = None,
+                observe: Callable[..., None] | None = None) -> torch.Tensor:
         """Filter, fuse (when ESamp is on) and sample one token per row.
 
         ``exact=False`` uses the candidate space sized from the configuration (fixed shapes, no host
         read) and adds the rows that filled it to ``truncated``; ``for_update`` is passed on to
-        :meth:`TestTimeAdapter.predict`.
-        With ``esamp.kl_budget`` the realised beta of the ``active`` rows goes to ``betas``;
-        ``observe`` receives the step's prediction, candidates and scores (the eager loop's observer).
+        :meth:`TestTimeAdapter.predict`. ``target`` (this step's target states) and ``active``
+        (unfinished rows) serve ``esamp.error=relative``. With ``esamp.kl_budget`` the realised beta of
+        the ``active`` rows goes to ``betas``; ``observe`` receives the step's prediction, candidates and
+        scores (the eager loop's observer).
         """
         candidates = select_candidates(logits, sampling, exact=exact)
         if truncated is not None and candidates.partial:
@@ -274,7 +281,10 @@ class DecodeEngine:
         if adapter is not None:
             prediction = adapter.predict(source, for_update=for_update)
             if esamp.tilts:
-                distiller_logits = self.head.logits_at(prediction, candidates.token_ids).float()
+                # esamp.error: the error the tilt follows (plain: the prediction as is; see error_signal.py)
+                tilted = prediction_for_fusion(prediction, target, active, adapter.samples_per_prompt,
+                                               esamp.error)
+                distiller_logits = self.head.logits_at(tilted, candidates.token_ids).float()
                 beta = self._beta(esamp, candidates, distiller_logits, sampling, active, betas)
                 scores = fuse(candidates.logits.float(), distiller_logits, beta)
         if observe is not None:
@@ -357,7 +367,7 @@ class DecodeEngine:
                                                                      active=active, **parts)))
                         token = self._choose(logits, esamp, adapter, source, sampling, uniforms[step],
                                              for_update=updater is None or updater.reuses_prediction,
-                                             active=active, betas=betas, observe=observe)
+                                             target=target, active=active, betas=betas, observe=observe)
                         if updater is not None:
                             updater.stage(source, target, active)
                             updater.launch()

@@ -111,7 +111,7 @@ class StaticDecodeEngine(DecodeEngine):
         for_update = prog.updater is None or prog.updater.reuses_prediction
         token = self._choose(prog.logits, settings.esamp, prog.adapter, prog.source, settings.sampling, uniform,
                              exact=not self.fixed_candidates, for_update=for_update, truncated=prog.truncated,
-                             active=active, betas=prog.betas)
+                             target=prog.target, active=active, betas=prog.betas)
         prog.input_ids.copy_(token.unsqueeze(-1))
         prog.state.record(token, prog.step, stops, self.pad_token_id, prog.logits)
         prog.step += 1

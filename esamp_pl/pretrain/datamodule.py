@@ -2,10 +2,11 @@
 
 ``prepare_data`` runs once per node, on its rank 0 (Lightning's contract): it builds or reuses the
 pair cache (loading the LM only when it must) and writes the cache folder's path into
-``<run_dir>/pairs.json``. ``setup`` runs on every rank and reads the rows from that folder, so no
-rank but the first ever loads the LM. Training rows are shuffled single positions; validation
-holds out the corpus's last windows (not random positions, so that neighbouring tokens of a
-validation window were never trained on).
+``<run_dir>/pairs.json``. ``setup`` runs on every rank and opens that folder, so no rank but the
+first ever loads the LM. Training rows are shuffled single positions; validation holds out the
+corpus's last windows (not random positions, so that neighbouring tokens of a validation window
+were never trained on). Both stream from the cache's shards (:class:`StreamingPairs`): memory is a
+shard or two, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -17,32 +18,11 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from esamp_pl.pretrain.corpus import DataSpec
 from esamp_pl.pretrain.pairs import PairCache
-
-
-class PairRows(Dataset):
-    """Rows of (source, target); batched indexing (``__getitems__``) gathers a batch in one call."""
-
-    def __init__(self, source: torch.Tensor, target: torch.Tensor) -> None:
-        self.source, self.target = source, target
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.source[index], self.target[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices)
-        return self.source[index], self.target[index]
-
-
-def _keep_batch(batch):
-    """The dataset already returns a stacked batch."""
-    return batch
+from esamp_pl.pretrain.shards import StreamingPairs
 
 
 class PairDataModule(LightningDataModule):
@@ -55,8 +35,8 @@ class PairDataModule(LightningDataModule):
         self.pointer = Path(run_dir) / "pairs.json"
         self.cache: PairCache | None = None
         self._prepared = False  # fit then validate: prepare once per process
-        self.train_rows: PairRows | None = None
-        self.val_rows: PairRows | None = None
+        self.train_rows: StreamingPairs | None = None
+        self.val_rows: StreamingPairs | None = None
 
     def prepare_data(self) -> None:
         if self._prepared:
@@ -74,27 +54,25 @@ class PairDataModule(LightningDataModule):
         if cache is None:
             raise RuntimeError(f"the pair cache {pointer['folder']} named in {self.pointer} is missing or incomplete; "
                                "run again to rebuild it")
-        source, target, window = cache.load()
         windows = int(cache.manifest["corpus"]["windows"])
         val_windows = max(1, math.ceil(windows * self.spec.val_fraction))
-        is_val = window >= windows - val_windows
-        val_index = is_val.nonzero().squeeze(-1)[:self.spec.max_val_rows]
-        train_index = (~is_val).nonzero().squeeze(-1)
-        if len(train_index) == 0 or len(val_index) == 0:
+        shards, batch = cache.manifest["shards"], self.spec.batch_size
+        self.train_rows = StreamingPairs(cache.folder, shards, batch, shuffle=True, seed=self.spec.seed,
+                                         window_range=(0, windows - val_windows))
+        self.train_rows.drop_last = self.train_rows.rows >= batch
+        self.val_rows = StreamingPairs(cache.folder, shards, batch, shuffle=False,
+                                       window_range=(windows - val_windows, windows), max_rows=self.spec.max_val_rows)
+        if self.train_rows.rows == 0 or self.val_rows.rows == 0:
             raise RuntimeError(f"the corpus has {windows} windows, too few to hold out {val_windows} for "
                                "validation. Fix: add text or lower data.window")
-        self.train_rows = PairRows(source[train_index], target[train_index])
-        self.val_rows = PairRows(source[val_index], target[val_index])
         self.cache = cache
 
-    def _loader(self, rows: PairRows, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(rows, batch_size=self.spec.batch_size, shuffle=shuffle, drop_last=drop_last,
-                          collate_fn=_keep_batch, num_workers=self.spec.num_workers,
+    def _loader(self, rows: StreamingPairs) -> DataLoader:
+        return DataLoader(rows, batch_size=None, num_workers=self.spec.num_workers,
                           persistent_workers=self.spec.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        drop_last = len(self.train_rows) >= self.spec.batch_size
-        return self._loader(self.train_rows, shuffle=True, drop_last=drop_last)
+        return self._loader(self.train_rows)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_rows, shuffle=False, drop_last=False)
+        return self._loader(self.val_rows)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from esamp_pl.files import atomic_dir, cache_root, write_json_atomic
 from esamp_pl.pretrain.corpus import PackedCorpus
 from esamp_pl.sites import OutputHead, SiteCapture, SitePair
 
+log = logging.getLogger(__name__)
 FORMAT = "esamp_pl.pairs/1"
 MANIFEST = "manifest.json"
 SHARD_ROWS = 65536
@@ -106,6 +109,7 @@ def build_pair_cache(loaded, sites: SitePair, corpus: PackedCorpus, *, cache_dty
 
     dtype = getattr(torch, cache_dtype)
     with atomic_dir(folder, is_complete=lambda found: PairCache.open(found, key) is not None) as tmp:
+        started = time.perf_counter()
         shards, buffer, rows = [], [], 0
 
         def flush() -> None:
@@ -138,6 +142,8 @@ def build_pair_cache(loaded, sites: SitePair, corpus: PackedCorpus, *, cache_dty
                     "hidden_size": int(loaded.model.config.hidden_size), "rows": rows, "shards": shards,
                     "cache_dtype": cache_dtype, "softcap": head.softcap, "corpus": corpus.meta}
         write_json_atomic(tmp / MANIFEST, manifest)
+    seconds = time.perf_counter() - started
+    log.info("extracted %d pairs in %.1f s: %.0f pairs/s", rows, seconds, rows / max(seconds, 1e-9))
     return PairCache(folder, manifest), False
 
 

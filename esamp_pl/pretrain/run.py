@@ -54,6 +54,7 @@ from esamp_pl.pretrain.corpus import DataSpec, pack_documents, read_documents
 from esamp_pl.pretrain.datamodule import PairDataModule
 from esamp_pl.pretrain.module import DistillerModule
 from esamp_pl.pretrain.pairs import PairCache, build_pair_cache
+from esamp_pl.pretrain.throughput import PairThroughput
 from esamp_pl.sites import SitePair
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ def _train_and_export(cfg: DictConfig, callbacks: Sequence[Callback], load: Call
         cfg.trainer, default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs"),
         callbacks=[ModelCheckpoint(dirpath=str(lightning_dir), save_last=True, save_top_k=0,
                                    every_n_train_steps=cfg.checkpoint_every),
-                   KeptOnExceptionCheckpoint(dirpath=str(lightning_dir), filename="last"), *callbacks])
+                   KeptOnExceptionCheckpoint(dirpath=str(lightning_dir), filename="last"), PairThroughput(),
+                   *callbacks])
     last = lightning_dir / "last.ckpt"
     if last.is_file() and not cfg.resume:
         log.info("resume=false: starting afresh, removing %s", last)
@@ -252,8 +254,8 @@ def export(cfg: DictConfig, cache: PairCache, spec: DistillerSpec, state: dict[s
     manifest = cache.manifest
     training = {"optimizer": settings_lib.to_plain(cfg.optimizer), "batch_size": cfg.data.batch_size,
                 "warmup_steps": cfg.warmup_steps, "min_lr_ratio": cfg.min_lr_ratio, "seed": cfg.seed,
-                "devices": trainer.world_size, "precision": str(trainer.precision), "train_rows": len(
-                    trainer.datamodule.train_rows) if trainer.datamodule else None}
+                "devices": trainer.world_size, "precision": str(trainer.precision), "train_rows":
+                    trainer.datamodule.train_rows.rows if trainer.datamodule else None}
     meta = CheckpointMeta(model_name=manifest["model_name"], model_id=manifest["model_id"],
                           model_fingerprint=manifest["model_fingerprint"], sites=manifest["sites"],
                           distiller=dataclasses.asdict(spec), corpus=manifest["corpus"], steps=int(steps),
