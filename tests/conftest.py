@@ -41,3 +41,34 @@ def any_tiny_lm(request):
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama")
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+"Tensor methods that read a device value on the host (a synchronisation on CUDA)"
+
+
+@pytest.fixture
+def forbid_host_reads_in_static_step(monkeypatch):
+    """Make every host read of a tensor inside ``StaticDecodeEngine._decode_step`` raise (the step must stay
+    capturable in a CUDA graph). Apply to an engine with ``fixed_candidates = True``: the CUDA layout; on a
+    CPU the widening candidate space's one host read is allowed."""
+    from esamp_pl.static_engine import StaticDecodeEngine
+
+    step, inside = StaticDecodeEngine._decode_step, []
+
+    def guarded(self, *args):
+        inside.append(True)
+        try:
+            step(self, *args)
+        finally:
+            inside.pop()
+
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def check(tensor, *args, _name=name, _original=original, **kwargs):
+            if inside:
+                raise AssertionError(f"Tensor.{_name} (a host synchronisation) inside the decode step")
+            return _original(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, check)
+    monkeypatch.setattr(StaticDecodeEngine, "_decode_step", guarded)
