@@ -48,7 +48,7 @@ from esamp_pl.checkpoint import CheckpointMeta, checkpoint_filename, default_che
 from esamp_pl.config_dict import check_keys
 from esamp_pl.distiller import DistillerSpec
 from esamp_pl.errors import ConfigError, Interrupted, SetupError
-from esamp_pl.files import cache_root, exclusive_lock
+from esamp_pl.files import cache_root, exclusive_lock, finite_or_none
 from esamp_pl.models import LoadedModel, ModelSpec, load_model
 from esamp_pl.pretrain.corpus import DataSpec, pack_documents, read_documents
 from esamp_pl.pretrain.datamodule import PairDataModule
@@ -257,7 +257,7 @@ def export(cfg: DictConfig, cache: PairCache, spec: DistillerSpec, state: dict[s
     meta = CheckpointMeta(model_name=manifest["model_name"], model_id=manifest["model_id"],
                           model_fingerprint=manifest["model_fingerprint"], sites=manifest["sites"],
                           distiller=dataclasses.asdict(spec), corpus=manifest["corpus"], steps=int(steps),
-                          metrics=metrics, training=training)
+                          metrics={k: finite_or_none(v) for k, v in metrics.items()}, training=training)
     save_checkpoint(path, {k: state[k] for k in sorted(state)}, meta)
     log.info("wrote %s (val/mse %.4g, random init %.4g; top-1 agreement %.3f, random %.3f)", path,
              metrics.get("val/mse", float("nan")), metrics.get("val/mse_random", float("nan")),
