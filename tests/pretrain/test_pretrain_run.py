@@ -224,3 +224,11 @@ def test_a_torn_last_ckpt_names_its_path_and_resume_false(tiny_model_dir, corpus
 def test_unknown_top_level_pretrain_key_is_refused(tiny_model_dir, tmp_path, cache_env):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['foo'\] at the top level"):
         run_pretraining(pretrain_config(tiny_model_dir, tmp_path, "data.paths=[x.txt]", "+foo=1"))
+
+
+def test_a_missing_mandatory_value_is_one_clear_error(tmp_path, cache_env):
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=["data=files"])
+    with pytest.raises(ConfigError, match=r"data.paths is required but not set.*Fix: pass data.paths="):
+        run_pretraining(cfg)
