@@ -236,7 +236,8 @@ def _train_and_export(cfg: DictConfig, callbacks: Sequence[Callback], load: Call
         if trainer.interrupted:
             raise Interrupted(f"pre-training stopped at step {trainer.global_step}; {hint}", signal.SIGINT) from stop
         raise
-    trainer.save_checkpoint(str(last))  # the final state too, so a larger max_steps continues from here
+    if not trainer.fast_dev_run:  # a setup check leaves nothing a real run would resume from
+        trainer.save_checkpoint(str(last))  # the final state too, so a larger max_steps continues from here
     metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
                if k.startswith("val/")}
     state = {name.removeprefix("bank."): tensor.detach().cpu()

@@ -132,6 +132,7 @@ def test_default_export_goes_into_the_run_folder_not_the_shipped_checkpoints(tin
     path = run_pretraining(cfg)
     assert path.is_relative_to(cache_env / "pretrain") and path.parent.parent.name == "export"
     assert path.name == "paper-r8.distiller.safetensors" and not (REPO / "checkpoints" / "tiny").exists()
+    assert not list(cache_env.rglob("last.ckpt"))  # a setup check leaves nothing a real run would resume from
 
 
 def test_an_existing_export_target_is_only_replaced_when_asked(tiny_model_dir, corpus_file, tmp_path, cache_env):
