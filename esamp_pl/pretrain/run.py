@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import warnings
@@ -210,7 +211,8 @@ def _train_and_export(cfg: DictConfig, callbacks: Sequence[Callback], load: Call
                                 data, run_dir)
     module = DistillerModule(distiller=distiller, optimizer=settings_lib.to_plain(cfg.optimizer),
                              warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed)
-    lightning_dir = run_dir / "lightning"
+    setup_check = bool(cfg.trainer.get("fast_dev_run", False))  # its checkpoints must not be resumed by a real run
+    lightning_dir = run_dir / ("lightning-fast-dev-run" if setup_check else "lightning")
     trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs"),
         callbacks=[ModelCheckpoint(dirpath=str(lightning_dir), save_last=True, save_top_k=0,
@@ -236,7 +238,10 @@ def _train_and_export(cfg: DictConfig, callbacks: Sequence[Callback], load: Call
         if trainer.interrupted:
             raise Interrupted(f"pre-training stopped at step {trainer.global_step}; {hint}", signal.SIGINT) from stop
         raise
-    if not trainer.fast_dev_run:  # a setup check leaves nothing a real run would resume from
+    if setup_check:
+        if trainer.is_global_zero:
+            shutil.rmtree(lightning_dir, ignore_errors=True)
+    else:
         trainer.save_checkpoint(str(last))  # the final state too, so a larger max_steps continues from here
     metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
                if k.startswith("val/")}
