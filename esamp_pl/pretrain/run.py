@@ -192,7 +192,7 @@ def run_pretraining(cfg: DictConfig, *, callbacks: Sequence[Callback] = (),
     spec = settings_lib.distiller_spec(cfg.distiller)  # validates; hidden size comes from the model
     distiller = {k: v for k, v in dataclasses.asdict(spec).items() if k != "hidden_size"}
     check_hardware(cfg)
-    device = extract_device(cfg)
+    device = settings_lib.check_device(extract_device(cfg), "extract_device")
     seed_everything(cfg.seed, workers=True, verbose=False)
 
     run_dir = run_dir_for(cfg, model_spec, distiller)
