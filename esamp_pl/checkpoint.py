@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from esamp_pl.distiller import DistillerSpec
 from esamp_pl.errors import UserError
-from esamp_pl.files import atomic_path
+from esamp_pl.files import atomic_path, dumps_json
 
 FORMAT = "esamp_pl.distiller/1"
 META_KEY = "esamp_pl"
@@ -98,7 +98,7 @@ class CheckpointMeta:
         return DistillerSpec(**{k: v for k, v in self.distiller.items() if k in names})
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return dumps_json(dataclasses.asdict(self), sort_keys=True, ensure_ascii=True)  # the checksum hashes it
 
     @classmethod
     def from_json(cls, text: str) -> "CheckpointMeta":

@@ -19,9 +19,16 @@ T = TypeVar("T")
 def to_plain(cfg: Any) -> dict:
     """A config node as plain Python containers (interpolations resolved), e.g. to hash or save it."""
     from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
     if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        try:
+            return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as err:
+            key = getattr(err, "full_key", None) or "a key"
+            raise ConfigError(f"{key} is required but not set (??? in the config). Fix: pass {key}=<value>") from err
+        except InterpolationResolutionError as err:
+            raise ConfigError(f"cannot resolve {getattr(err, 'full_key', '') or 'a value'}: {err.msg}") from err
     if cfg is None:
         return {}
     if not isinstance(cfg, Mapping):

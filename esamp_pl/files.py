@@ -37,9 +37,9 @@ def finite_or_none(value: float | None, digits: int | None = None) -> float | No
     return round(float(value), digits) if digits is not None else float(value)
 
 
-def dumps_json(value: Any, *, indent: int | None = None) -> str:
+def dumps_json(value: Any, *, indent: int | None = None, sort_keys: bool = False, ensure_ascii: bool = False) -> str:
     """``json.dumps`` that refuses NaN / Infinity (invalid JSON) and keeps non-ASCII text readable."""
-    return json.dumps(value, indent=indent, ensure_ascii=False, allow_nan=False)
+    return json.dumps(value, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii, allow_nan=False)
 
 
 def _shared_mode(path: Path) -> None:

@@ -17,6 +17,7 @@ settings is not redone; files of a run with other settings are never replaced un
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from esamp_pl.config_dict import check_keys, dataclass_from_config, to_plain
 from esamp_pl.decoding import build_engine, initial_distiller_state, stop_token_ids  # noqa: F401 (re-exported)
 from esamp_pl.engine import GenerationResult, PromptResult
 from esamp_pl.errors import ConfigError, Interrupted
-from esamp_pl.files import finite_or_none
+from esamp_pl.files import dumps_json, finite_or_none
 from esamp_pl.models import LoadedModel, ModelSpec, load_model
 from esamp_pl.prompts import encode_prompts, load_prompts, prompts_file
 from esamp_pl.run_output import RunOutput
@@ -140,8 +141,11 @@ def run_generation(cfg: DictConfig, *, load: Callable[[ModelSpec, str], LoadedMo
 
     todo = [i for i in range(len(prompts)) if i not in plan.done]
     result: GenerationResult | None = None
-    summary = lambda interrupted: {**run_summary(cfg, result, interrupted=interrupted, load_seconds=load_seconds),
-                                   "prompts_resumed": len(plan.done)}  # noqa: E731
+
+    def summary(interrupted: bool) -> dict[str, Any]:
+        return {**run_summary(cfg, result, interrupted=interrupted, load_seconds=load_seconds),
+                "prompts_resumed": len(plan.done)}
+
     writer = out.start(plan, summary(True))
     if plan.done:
         log.info("resuming %s: %d of %d prompts already done", out.partial, len(plan.done), len(prompts))
@@ -158,7 +162,7 @@ def run_generation(cfg: DictConfig, *, load: Callable[[ModelSpec, str], LoadedMo
                                      on_prompt_done=write_prompt, on_step=lambda _step: bar.update(1))
     except KeyboardInterrupt as stop:
         writer.stop(summary(True))
-        signum = stop.signum if isinstance(stop, Interrupted) else Interrupted().signum
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
         raise Interrupted(f"{writer.done_count} of {len(prompts)} prompts done, kept in {out.partial}; "
                           "run the same command again to resume", signum) from stop
     except BaseException:
@@ -166,15 +170,12 @@ def run_generation(cfg: DictConfig, *, load: Callable[[ModelSpec, str], LoadedMo
         raise
     finally:
         bar.close()
-    final = summary(False)
-    writer.finish(final)
+    writer.finish(summary(False))
     return writer.summary
 
 
 def summary_line(summary: dict[str, Any]) -> str:
     """A one-screen digest of the summary for the terminal."""
-    from esamp_pl.files import dumps_json
-
     keys = ("engine_mode", "tokens_generated", "tokens_per_second", "distiller_updates", "skipped_updates",
             "loss_first_step", "loss_last_step", "relative_error_first_step", "relative_error_last_step", "kl_budget")
     return dumps_json({k: summary[k] for k in keys if k in summary})

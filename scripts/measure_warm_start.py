@@ -6,12 +6,11 @@
 Uses conf/config.yaml (the generate.py settings); prints a JSON report (per-step curves included).
 """
 
-import json
-
 import hydra
 from omegaconf import DictConfig
 
 from esamp_pl.cli import script_main
+from esamp_pl.files import dumps_json
 from esamp_pl.pretrain.compare import compare_inits
 
 
@@ -22,7 +21,7 @@ def main(cfg: DictConfig) -> None:
     for kind, row in report["inits"].items():
         print(f"{kind:>6}: " + "  ".join(f"{k}={v:.4f}" for k, v in row.items()
                                          if k.startswith("relative_error_first") and v is not None))
-    print(json.dumps(report))
+    print(dumps_json(report))
 
 
 if __name__ == "__main__":

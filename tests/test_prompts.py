@@ -111,3 +111,28 @@ def test_too_long_prompt_names_lengths_and_fix() -> None:
     message = str(info.value)
     assert "prompt 1 has 15 tokens" in message and "max_new_tokens=7" in message and "22 > " in message
     assert "context of 21" in message and "at most 14 tokens" in message and "max_new_tokens to at most 6" in message
+
+
+@pytest.mark.parametrize("text", ["nope.json", "data/prompts", "~/my_prompts.csv", "prompts.TXT.bak"])
+def test_a_path_that_is_not_txt_or_jsonl_is_refused_not_used_as_text(text: str) -> None:
+    with pytest.raises(ValueError, match="looks like a file path.*\\.txt.*\\.jsonl"):
+        load_prompts(text)
+
+
+@pytest.mark.parametrize("text", ["What is 3.5 times 2?", "Hello.", "Explain e.g. and i.e. to me", "hi"])
+def test_ordinary_prompt_text_is_still_a_prompt(text: str) -> None:
+    assert load_prompts(text) == [text]
+
+
+def test_non_utf8_prompt_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"prompt file {path} is not UTF-8 text.*iconv"):
+        load_prompts(str(path))
+
+
+def test_a_directory_as_prompts_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "prompts.txt"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        load_prompts(str(folder))

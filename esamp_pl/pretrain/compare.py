@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from esamp_pl import settings as settings_lib
 from esamp_pl.decoding import build_engine
+from esamp_pl.files import finite_or_none
 from esamp_pl.init import INIT_KINDS, initial_distiller_state
 from esamp_pl.models import ModelSpec, load_model
 from esamp_pl.prompts import encode_prompts, load_prompts
@@ -22,8 +23,9 @@ from esamp_pl.sites import SitePair
 
 
 def mean_over_first(values: list[float], k: int) -> float | None:
+    """Mean of the first ``k`` values; None when there are none or the mean is not finite (JSON has no NaN)."""
     head = values[:k]
-    return sum(head) / len(head) if head else None
+    return finite_or_none(sum(head) / len(head)) if head else None
 
 
 def compare_inits(cfg: DictConfig, inits: tuple[str, ...] = INIT_KINDS,
@@ -45,13 +47,14 @@ def compare_inits(cfg: DictConfig, inits: tuple[str, ...] = INIT_KINDS,
     for kind in inits:
         state = initial_distiller_state(kind, loaded_model=loaded, sites=SitePair(model_spec.sites),
                                         distiller_spec=decode.esamp.adapter.distiller,
-                                        warm_start_path=cfg.esamp.get("warm_start_path"))
+                                        warm_start_path=settings_lib.warm_start_path(cfg.esamp))
         result = engine.generate(prompt_ids, decode, initial_state=state)
         stats = result.adapter_stats
         curve = stats.relative_error_per_step
         report["inits"][kind] = {
             **{f"relative_error_first_{k}": mean_over_first(curve, k) for k in windows},
-            "relative_error_step_0": curve[0] if curve else None,
+            "relative_error_step_0": finite_or_none(curve[0]) if curve else None,
             "loss_first_32": mean_over_first(stats.loss_per_step, 32),
-            "steps": result.steps, "updates": stats.updates, "relative_error_per_step": curve}
+            "steps": result.steps, "updates": stats.updates,
+            "relative_error_per_step": [finite_or_none(v) for v in curve]}
     return report

@@ -20,7 +20,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from esamp_pl.pretrain.corpus import DataSpec
+from esamp_pl.files import write_json_atomic
+from esamp_pl.pretrain.data_spec import DataSpec
 from esamp_pl.pretrain.pairs import PairCache
 from esamp_pl.pretrain.shards import StreamingPairs
 
@@ -42,8 +43,7 @@ class PairDataModule(LightningDataModule):
         if self._prepared:
             return
         cache = self.prepare()
-        self.pointer.parent.mkdir(parents=True, exist_ok=True)
-        self.pointer.write_text(json.dumps({"folder": str(cache.folder), "key": cache.manifest["key"]}))
+        write_json_atomic(self.pointer, {"folder": str(cache.folder), "key": cache.manifest["key"]})
         self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import warnings
@@ -48,7 +49,7 @@ from esamp_pl.checkpoint import CheckpointMeta, checkpoint_filename, default_che
 from esamp_pl.config_dict import check_keys
 from esamp_pl.distiller import DistillerSpec
 from esamp_pl.errors import ConfigError, Interrupted, SetupError
-from esamp_pl.files import cache_root, exclusive_lock
+from esamp_pl.files import cache_root, exclusive_lock, finite_or_none
 from esamp_pl.models import LoadedModel, ModelSpec, load_model
 from esamp_pl.pretrain.corpus import DataSpec, pack_documents, read_documents
 from esamp_pl.pretrain.datamodule import PairDataModule
@@ -192,7 +193,7 @@ def run_pretraining(cfg: DictConfig, *, callbacks: Sequence[Callback] = (),
     spec = settings_lib.distiller_spec(cfg.distiller)  # validates; hidden size comes from the model
     distiller = {k: v for k, v in dataclasses.asdict(spec).items() if k != "hidden_size"}
     check_hardware(cfg)
-    device = extract_device(cfg)
+    device = settings_lib.check_device(extract_device(cfg), "extract_device")
     seed_everything(cfg.seed, workers=True, verbose=False)
 
     run_dir = run_dir_for(cfg, model_spec, distiller)
@@ -211,7 +212,8 @@ def _train_and_export(cfg: DictConfig, callbacks: Sequence[Callback], load: Call
                                 data, run_dir)
     module = DistillerModule(distiller=distiller, optimizer=settings_lib.to_plain(cfg.optimizer),
                              warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed)
-    lightning_dir = run_dir / "lightning"
+    setup_check = bool(cfg.trainer.get("fast_dev_run", False))  # its checkpoints must not be resumed by a real run
+    lightning_dir = run_dir / ("lightning-fast-dev-run" if setup_check else "lightning")
     trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs"),
         callbacks=[ModelCheckpoint(dirpath=str(lightning_dir), save_last=True, save_top_k=0,
@@ -238,7 +240,11 @@ def _train_and_export(cfg: DictConfig, callbacks: Sequence[Callback], load: Call
         if trainer.interrupted:
             raise Interrupted(f"pre-training stopped at step {trainer.global_step}; {hint}", signal.SIGINT) from stop
         raise
-    trainer.save_checkpoint(str(last))  # the final state too, so a larger max_steps continues from here
+    if setup_check:
+        if trainer.is_global_zero:
+            shutil.rmtree(lightning_dir, ignore_errors=True)
+    else:
+        trainer.save_checkpoint(str(last))  # the final state too, so a larger max_steps continues from here
     metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
                if k.startswith("val/")}
     state = {name.removeprefix("bank."): tensor.detach().cpu()
@@ -259,7 +265,7 @@ def export(cfg: DictConfig, cache: PairCache, spec: DistillerSpec, state: dict[s
     meta = CheckpointMeta(model_name=manifest["model_name"], model_id=manifest["model_id"],
                           model_fingerprint=manifest["model_fingerprint"], sites=manifest["sites"],
                           distiller=dataclasses.asdict(spec), corpus=manifest["corpus"], steps=int(steps),
-                          metrics=metrics, training=training)
+                          metrics={k: finite_or_none(v) for k, v in metrics.items()}, training=training)
     save_checkpoint(path, {k: state[k] for k in sorted(state)}, meta)
     log.info("wrote %s (val/mse %.4g, random init %.4g; top-1 agreement %.3f, random %.3f)", path,
              metrics.get("val/mse", float("nan")), metrics.get("val/mse_random", float("nan")),

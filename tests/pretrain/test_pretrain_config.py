@@ -42,6 +42,6 @@ def test_hub_config_reads_a_local_dataset_folder(tmp_path, cache_env):
 
 
 def test_files_config_needs_paths():
-    from omegaconf.errors import MissingMandatoryValue
-    with pytest.raises(MissingMandatoryValue, match="paths"):
+    from esamp_pl.errors import ConfigError
+    with pytest.raises(ConfigError, match="paths is required but not set.*Fix: pass"):
         DataSpec.from_config(composed("data=files").data)

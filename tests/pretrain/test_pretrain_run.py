@@ -132,6 +132,7 @@ def test_default_export_goes_into_the_run_folder_not_the_shipped_checkpoints(tin
     path = run_pretraining(cfg)
     assert path.is_relative_to(cache_env / "pretrain") and path.parent.parent.name == "export"
     assert path.name == "paper-r8.distiller.safetensors" and not (REPO / "checkpoints" / "tiny").exists()
+    assert not list(cache_env.rglob("last.ckpt"))  # a setup check leaves nothing a real run would resume from
 
 
 def test_an_existing_export_target_is_only_replaced_when_asked(tiny_model_dir, corpus_file, tmp_path, cache_env):
@@ -224,3 +225,11 @@ def test_a_torn_last_ckpt_names_its_path_and_resume_false(tiny_model_dir, corpus
 def test_unknown_top_level_pretrain_key_is_refused(tiny_model_dir, tmp_path, cache_env):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['foo'\] at the top level"):
         run_pretraining(pretrain_config(tiny_model_dir, tmp_path, "data.paths=[x.txt]", "+foo=1"))
+
+
+def test_a_missing_mandatory_value_is_one_clear_error(tmp_path, cache_env):
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=["data=files"])
+    with pytest.raises(ConfigError, match=r"data.paths is required but not set.*Fix: pass data.paths="):
+        run_pretraining(cfg)
