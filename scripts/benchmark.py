@@ -13,9 +13,10 @@ import hydra
 from omegaconf import DictConfig
 
 from esamp_pl.benchmark import run_benchmark
+from esamp_pl.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     print(json.dumps(run_benchmark(cfg)))
 

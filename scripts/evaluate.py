@@ -12,9 +12,10 @@ import hydra
 from omegaconf import DictConfig
 
 from esamp_pl.evaluation.runner import run_evaluation
+from esamp_pl.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     out_dir = run_evaluation(cfg)
     logging.getLogger(__name__).info("results and report in %s", out_dir)

@@ -12,9 +12,10 @@ import hydra
 from omegaconf import DictConfig
 
 from esamp_pl.pretrain.compare import compare_inits
+from esamp_pl.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     report = compare_inits(cfg)
     for kind, row in report["inits"].items():

@@ -10,9 +10,10 @@ import hydra
 from omegaconf import DictConfig
 
 from esamp_pl.pretrain.run import run_pretraining
+from esamp_pl.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def main(cfg: DictConfig) -> None:
     path = run_pretraining(cfg)
     if path is not None:
