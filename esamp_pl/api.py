@@ -95,6 +95,7 @@ class ESampConfig:
                 raise NotImplementedError("ESampConfig.kl_budget: this esamp_pl's engine has no KL budget yet; "
                                           "set beta instead (kl_budget=None)")
         SitePair(self.sites)
+        self.init_kind  # noqa: B018 - validates init
         self.esamp_settings()  # every other value is checked by the scripts' own validation
 
     @property
