@@ -95,7 +95,7 @@ class ESampConfig:
                 raise NotImplementedError("ESampConfig.kl_budget: this esamp_pl's engine has no KL budget yet; "
                                           "set beta instead (kl_budget=None)")
         SitePair(self.sites)
-        self.init_kind  # noqa: B018 - validates init
+        _ = self.init_kind  # raises for an unknown init
         self.esamp_settings()  # every other value is checked by the scripts' own validation
 
     @property
@@ -207,7 +207,6 @@ def generate_ids(model, prompt_ids: list[list[int]], *, stop_token_ids: Sequence
                  n: int = DecodeSettings.n, max_new_tokens: int = DecodeSettings.max_new_tokens,
                  esamp: ESampConfig | None = ESampConfig(), sampling: SamplingParams = SamplingParams(),
                  seed: int = 0, engine: str = "static", cuda_graphs: bool = True, tokenizer=None,
-                 model_name: str | None = None,
                  on_prompt_done: Callable[[PromptResult], None] | None = None) -> tuple[GenerationResult, GenerationStats]:
     """The token-level call under :func:`generate` (and the Hugging Face integration): prompts as token ids."""
     check_engine(engine)
@@ -218,7 +217,7 @@ def generate_ids(model, prompt_ids: list[list[int]], *, stop_token_ids: Sequence
     if esamp is not None:
         init = esamp.init_kind
         if decode.esamp.uses_distiller:
-            loaded = _loaded(model, tokenizer, model_fingerprint(model.config), model_name, esamp.sites, True)
+            loaded = _loaded(model, tokenizer, model_fingerprint(model.config), None, esamp.sites, True)
             state, path = _initial_state(esamp, loaded, decode.esamp.adapter.distiller)
     decoder = make_engine(engine, model, sites=SitePair(esamp.sites if esamp is not None else "paper"),
                           stop_token_ids=list(stop_token_ids), pad_token_id=pad_token_id, cuda_graphs=cuda_graphs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,18 @@ def test_what_cannot_be_honoured_is_an_error(kwargs, message):
     inputs = tokenizer(TEXTS, return_tensors="pt", padding=True)
     with pytest.raises(ValueError, match=message):
         hf_generate(model, inputs, do_sample=True, max_new_tokens=4, **kwargs)
+
+
+def test_custom_generate_works_without_a_network(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network access during custom_generate")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    model, tokenizer = tiny_pair()
+    inputs = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    sequences = hf_generate(model, inputs, do_sample=True, num_return_sequences=2, max_new_tokens=3, esamp_seed=0)
+    assert sequences.shape[0] == 4
 
 
 def test_the_custom_generate_folder_is_shipped_and_needs_trust_remote_code():
