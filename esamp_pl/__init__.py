@@ -32,3 +32,7 @@ def __getattr__(name: str):
     if name in __all__:
         return getattr(importlib.import_module("esamp_pl.api"), name)
     raise AttributeError(f"module 'esamp_pl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

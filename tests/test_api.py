@@ -56,6 +56,11 @@ def save_for(model, folder: Path, state: dict, rank: int = 64) -> Path:
     return save_checkpoint(folder / "my-notebook-model" / checkpoint_filename("paper", spec), state, meta)
 
 
+def test_the_readme_shows_the_python_api_right_after_the_set_up():
+    headings = re.findall(r"^## (.+)$", README.read_text(), flags=re.M)
+    assert headings[:2] == ["Set-up: two commands", "In Python"]
+
+
 def test_readme_examples_run_on_a_tiny_model(monkeypatch, user_checkpoints):
     model, tokenizer = tiny_pair()
     checkpoint = save_for(model, user_checkpoints, svd_state(model, DistillerSpec(hidden_size=64, rank=64)))
