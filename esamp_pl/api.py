@@ -56,6 +56,8 @@ class ESampConfig:
     "tilt toward what the n samples have not explored: new = (1 + beta) l - beta d; 0 gives plain sampling"
     kl_budget: float | None = None
     "a KL budget per step instead of a fixed beta, where this esamp_pl's engine has one (else NotImplementedError)"
+    beta_max: float | None = None
+    "the largest beta a KL budget may use; None: the engine's default"
     mode: str = ESampSettings.mode
     "esamp, or sharpen_only: (1 + beta) l without a Distiller (a control)"
     scope: str = AdapterSpec.scope
@@ -87,16 +89,16 @@ class ESampConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         if self.warm_start_path is not None and self.init == "svd":
             raise ValueError("ESampConfig: warm_start_path is a warm start, but init is 'svd'; drop one of them")
-        if self.kl_budget is not None:
-            if isinstance(self.kl_budget, bool) or not isinstance(self.kl_budget, (int, float)) \
-                    or not self.kl_budget > 0:
-                raise ValueError(f"ESampConfig.kl_budget must be a float > 0 or None, but is {self.kl_budget!r}")
-            if not engine_supports_kl_budget():
-                raise NotImplementedError("ESampConfig.kl_budget: this esamp_pl's engine has no KL budget yet; "
-                                          "set beta instead (kl_budget=None)")
+        if self._budget() and not engine_supports_kl_budget():
+            raise NotImplementedError(f"ESampConfig {sorted(self._budget())}: this esamp_pl's engine has no KL budget "
+                                      "yet; set beta instead (kl_budget=None, beta_max=None)")
         SitePair(self.sites)
         _ = self.init_kind  # raises for an unknown init
         self.esamp_settings()  # every other value is checked by the scripts' own validation
+
+    def _budget(self) -> dict[str, float]:
+        """The KL-budget fields that are set (the engine validates their values)."""
+        return {name: getattr(self, name) for name in ("kl_budget", "beta_max") if getattr(self, name) is not None}
 
     @property
     def init_kind(self) -> str:
@@ -111,9 +113,7 @@ class ESampConfig:
                    "optimizer": {"lr": self.lr, "eps": self.eps, "betas": list(self.betas),
                                  "weight_decay": self.weight_decay, "grad_clip": self.grad_clip}}
         esamp = settings_lib.esamp_settings(section, {"rank": self.rank}, hidden_size)
-        if self.kl_budget is not None:
-            esamp = dataclasses.replace(esamp, kl_budget=self.kl_budget)
-        return esamp
+        return dataclasses.replace(esamp, **self._budget()) if self._budget() else esamp
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,6 @@ def test_a_model_without_a_checkpoint_names_its_fingerprint_and_the_fix(user_che
     (dict(rank=0), "distiller.rank must be a positive integer"),
     (dict(init="pretrained"), "esamp.init must be one of"),
     (dict(sites="middle"), "middle"),
-    (dict(kl_budget=-0.1), "kl_budget must be a float > 0 or None"),
     (dict(init="svd", warm_start_path="x.safetensors"), "drop one of them"),
 ])
 def test_esamp_config_rejects_bad_values_on_construction(values, message):
@@ -139,10 +138,15 @@ def test_esamp_config_rejects_bad_values_on_construction(values, message):
 
 def test_kl_budget_reaches_the_engine_or_says_it_is_not_there():
     if api.engine_supports_kl_budget():
-        assert esamp_pl.ESampConfig(kl_budget=0.1).esamp_settings(64).kl_budget == 0.1
+        settings = esamp_pl.ESampConfig(kl_budget=0.1, beta_max=1.5).esamp_settings(64)
+        assert (settings.kl_budget, settings.beta_max) == (0.1, 1.5)
+        with pytest.raises(ValueError, match="kl_budget"):
+            esamp_pl.ESampConfig(kl_budget=-0.1)
     else:
         with pytest.raises(NotImplementedError, match="no KL budget"):
             esamp_pl.ESampConfig(kl_budget=0.1)
+        with pytest.raises(NotImplementedError, match="beta_max"):
+            esamp_pl.ESampConfig(beta_max=1.5)
     assert esamp_pl.ESampConfig().esamp_settings(64).adapter.distiller.hidden_size == 64
 
 
