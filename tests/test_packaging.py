@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esamp_pl import checkpoint, cli, resources
+from esamp_pl import checkpoint, commands, resources
 from esamp_pl.distiller import DistillerSpec
 from tests.test_api import save_for, tiny_pair
 
@@ -35,12 +35,12 @@ def test_the_wheel_declares_every_config_checkpoint_and_console_command():
              if p.is_file() and p.suffix != ".sh" and "__pycache__" not in p.parts}
     assert len(files) > 30 and files <= declared, sorted(files - declared)
     scripts = project["project"]["scripts"]
-    assert scripts == {"esamp-generate": "esamp_pl.cli:generate", "esamp-pretrain": "esamp_pl.cli:pretrain",
-                       "esamp-evaluate": "esamp_pl.cli:evaluate", "esamp-benchmark": "esamp_pl.cli:benchmark"}
+    assert scripts == {"esamp-generate": "esamp_pl.commands:generate", "esamp-pretrain": "esamp_pl.commands:pretrain",
+                       "esamp-evaluate": "esamp_pl.commands:evaluate", "esamp-benchmark": "esamp_pl.commands:benchmark"}
 
 
-@pytest.mark.parametrize("command, config_key", [(cli.generate, "max_new_tokens"), (cli.pretrain, "trainer"),
-                                                  (cli.evaluate, "eval"), (cli.benchmark, "rounds")])
+@pytest.mark.parametrize("command, config_key", [(commands.generate, "max_new_tokens"), (commands.pretrain, "trainer"),
+                                                  (commands.evaluate, "eval"), (commands.benchmark, "rounds")])
 def test_console_commands_run_the_entry_scripts_with_the_packaged_configs(command, config_key, monkeypatch, capsys,
                                                                           tmp_path):
     monkeypatch.chdir(tmp_path)
