@@ -12,19 +12,15 @@ import esamp_pl
 import esamp_pl.hf
 from esamp_pl.api import generate_ids
 from esamp_pl.sampling import SamplingParams
-from tests.conftest import tiny_model
-from tests.pretrain.conftest import byte_tokenizer
+from tests.test_api import tiny_pair as tiny_api_pair
 
 TEXTS = ["The river bends twice before", "A kite"]
 STOPS = list(range(60, 80))  # frequent enough in a flat tiny model that rows stop at different steps
 
 
 def tiny_pair():
-    model = tiny_model("llama", vocab_size=260)
-    tokenizer = byte_tokenizer()
-    tokenizer.padding_side = "left"
+    model, tokenizer = tiny_api_pair()
     model.generation_config.eos_token_id = STOPS
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
@@ -80,6 +76,7 @@ def test_torch_manual_seed_repeats_a_call_and_the_generation_config_is_honoured(
     (dict(num_beams=2), "num_beams=2"),
     (dict(esamp_bta=0.3), "unknown ESamp argument\\(s\\) \\['esamp_bta'\\]"),
     (dict(esamp_scope="global"), "esamp.scope must be one of"),
+    (dict(foo=1), "does not apply \\['argument foo'\\]"),
 ])
 def test_what_cannot_be_honoured_is_an_error(kwargs, message):
     model, tokenizer = tiny_pair()
