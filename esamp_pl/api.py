@@ -146,7 +146,8 @@ class GenerationStats:
         adapter = result.adapter_stats
         losses = adapter.loss_per_step if adapter is not None else []
         errors = adapter.relative_error_per_step if adapter is not None else []
-        return cls(updates=adapter.updates if adapter else 0, skipped_updates=adapter.skipped_nonfinite if adapter else 0,
+        return cls(updates=adapter.updates if adapter else 0,
+                   skipped_updates=adapter.skipped_nonfinite if adapter else 0,
                    tokens_generated=result.tokens_generated, decode_steps=result.steps,
                    decode_seconds=result.decode_seconds, tokens_per_second=result.tokens_per_second,
                    loss_first_step=losses[0] if losses else None, loss_last_step=losses[-1] if losses else None,
@@ -207,7 +208,8 @@ def generate_ids(model, prompt_ids: list[list[int]], *, stop_token_ids: Sequence
                  n: int = DecodeSettings.n, max_new_tokens: int = DecodeSettings.max_new_tokens,
                  esamp: ESampConfig | None = ESampConfig(), sampling: SamplingParams = SamplingParams(),
                  seed: int = 0, engine: str = "static", cuda_graphs: bool = True, tokenizer=None,
-                 on_prompt_done: Callable[[PromptResult], None] | None = None) -> tuple[GenerationResult, GenerationStats]:
+                 on_prompt_done: Callable[[PromptResult], None] | None = None
+                 ) -> tuple[GenerationResult, GenerationStats]:
     """The token-level call under :func:`generate` (and the Hugging Face integration): prompts as token ids."""
     check_engine(engine)
     decode = DecodeSettings(n=n, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,

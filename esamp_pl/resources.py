@@ -22,7 +22,8 @@ SCRIPTS_DIR = PACKAGE_DIR / "scripts"
 def source_checkout() -> Path | None:
     """The repository root when esamp_pl runs from a checkout (or an editable install), else None."""
     root = PACKAGE_DIR.parent
-    if (root / "pyproject.toml").is_file() and (root / "checkpoints").is_dir() and not (root / "checkpoints").is_symlink():
+    checkpoints = root / "checkpoints"
+    if (root / "pyproject.toml").is_file() and checkpoints.is_dir() and not checkpoints.is_symlink():
         return root
     return None
 

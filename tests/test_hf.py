@@ -1,4 +1,4 @@
-"""model.generate(custom_generate=esamp_pl.hf.CUSTOM_GENERATE, ...): HF's arguments and output shape, esamp_pl's tokens."""
+"""model.generate(custom_generate=esamp_pl.hf.CUSTOM_GENERATE, ...): HF's arguments and layout, esamp_pl's tokens."""
 
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def test_torch_manual_seed_repeats_a_call_and_the_generation_config_is_honoured(
     assert torch.equal(first, hf_generate(model, inputs, do_sample=True, num_return_sequences=3, max_new_tokens=6))
     model.generation_config.top_k = 1  # the model's own generation config: only the top token survives
     model.generation_config.eos_token_id = [259]
-    greedy = hf_generate(model, inputs, do_sample=True, num_return_sequences=3, max_length=inputs["input_ids"].shape[1] + 5)
-    assert greedy.shape == (6, inputs["input_ids"].shape[1] + 5)
+    width = inputs["input_ids"].shape[1]
+    greedy = hf_generate(model, inputs, do_sample=True, num_return_sequences=3, max_length=width + 5)
+    assert greedy.shape == (6, width + 5)
     assert all(torch.equal(greedy[3 * p], greedy[3 * p + j]) for p in range(2) for j in range(3))
     argmax = hf_generate(model, inputs, do_sample=False, num_return_sequences=1, max_new_tokens=5,
                          return_dict_in_generate=True, esamp_enabled=False)  # the LM's own greedy decoding
