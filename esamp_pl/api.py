@@ -103,8 +103,8 @@ class ESampConfig:
     @property
     def init_kind(self) -> str:
         """The Distiller init this config asks for: random, warm or svd."""
-        warm = self.warm_start or self.warm_start_path is not None
-        return settings_lib.esamp_init({"init": self.init, "warm_start": warm})
+        warm = self.warm_start or self.warm_start_path is not None  # a named checkpoint is never ignored
+        return settings_lib.esamp_init({"init": self.init, "warm_start": warm, "warm_start_path": self.warm_start_path})
 
     def esamp_settings(self, hidden_size: int = 1) -> ESampSettings:
         """The engine's ESamp settings for a model of ``hidden_size``."""
