@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from esamp_pl import resources
 from esamp_pl.distiller import DistillerSpec
 from esamp_pl.errors import UserError
 from esamp_pl.files import atomic_path, dumps_json
@@ -118,8 +119,9 @@ def checkpoint_filename(sites: str, spec: DistillerSpec) -> str:
 
 
 def default_checkpoints_dir() -> Path:
-    """``checkpoints/`` beside the package: where the shipped, pre-trained Distillers live."""
-    return Path(__file__).resolve().parent.parent / "checkpoints"
+    """Where a newly pre-trained Distiller goes: the repository's ``checkpoints/`` in a source checkout (beside
+    the shipped ones), else the user folder (``esamp_pl.resources``), never the installed package."""
+    return resources.new_checkpoints_dir()
 
 
 def content_digest(state: dict[str, torch.Tensor], meta: CheckpointMeta) -> str:
@@ -242,7 +244,14 @@ def find_checkpoint(model_name: str, sites: str, checkpoints_dir: str | Path | N
     the architecture must match the file name; without it, the single checkpoint for the site pair
     is taken (several raise an error that lists them).
     """
-    root = Path(checkpoints_dir) if checkpoints_dir is not None else default_checkpoints_dir()
+    if checkpoints_dir is None:  # the user's folders first, then the shipped checkpoints
+        *others, checkpoints_dir = resources.checkpoint_dirs()
+        for root in others:
+            try:
+                return find_checkpoint(model_name, sites, root, spec)
+            except CheckpointNotFoundError:
+                pass
+    root = Path(checkpoints_dir)
     folder = root / model_name
     hint = PRETRAIN_HINT.format(model=model_name, sites=sites, rank=spec.rank if spec else 64)
     if spec is not None:

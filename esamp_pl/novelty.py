@@ -222,7 +222,7 @@ def _write_json(path: Path, payload: dict) -> None:
 def run_diagnostic(cfg: DictConfig) -> dict[str, Any]:
     """Every (beta or KL budget, init) run of ``cfg``; returns the report (see the module docstring)."""
     from esamp_pl import settings as settings_lib
-    from esamp_pl.generation import build_engine
+    from esamp_pl.decoding import build_engine
     from esamp_pl.init import initial_distiller_state
     from esamp_pl.models import ModelSpec, load_model
     from esamp_pl.prompts import encode_prompts, load_prompts

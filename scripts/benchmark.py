@@ -14,9 +14,10 @@ from omegaconf import DictConfig
 
 from esamp_pl.cli import script_main
 from esamp_pl.benchmark import run_benchmark
+from esamp_pl.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="benchmark")
 @script_main
 def main(cfg: DictConfig) -> None:
     print(json.dumps(run_benchmark(cfg)))

@@ -12,10 +12,13 @@ import json
 import hydra
 from omegaconf import DictConfig
 
+from esamp_pl.cli import script_main
 from esamp_pl.novelty import format_table, run_diagnostic
+from esamp_pl.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="diagnose")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="diagnose")
+@script_main
 def main(cfg: DictConfig) -> None:
     report = run_diagnostic(cfg)
     print(format_table(report))

@@ -13,9 +13,10 @@ from omegaconf import DictConfig
 
 from esamp_pl.cli import script_main
 from esamp_pl.evaluation.runner import run_evaluation
+from esamp_pl.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 @script_main
 def main(cfg: DictConfig) -> None:
     out_dir = run_evaluation(cfg)

@@ -12,9 +12,10 @@ from omegaconf import DictConfig
 
 from esamp_pl.cli import script_main
 from esamp_pl.generation import run_generation, summary_line
+from esamp_pl.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @script_main
 def main(cfg: DictConfig) -> None:
     summary = run_generation(cfg)

@@ -12,9 +12,10 @@ from omegaconf import DictConfig
 
 from esamp_pl.cli import script_main
 from esamp_pl.pretrain.run import run_pretraining
+from esamp_pl.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 @script_main
 def main(cfg: DictConfig) -> None:
     path = run_pretraining(cfg)

@@ -10,10 +10,13 @@ Running the same command again resumes an interrupted run. See esamp_pl/pretrain
 import hydra
 from omegaconf import DictConfig
 
+from esamp_pl.cli import script_main
 from esamp_pl.pretrain.meta import run_meta_pretraining
+from esamp_pl.resources import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain_meta")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain_meta")
+@script_main
 def main(cfg: DictConfig) -> None:
     path = run_meta_pretraining(cfg)
     if path is not None:

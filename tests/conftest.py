@@ -20,6 +20,16 @@ ARCHITECTURES = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests skip, with the reason shown, on a machine without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker: cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config_cls, model_cls = ARCHITECTURES[kind]

@@ -46,12 +46,12 @@ def test_same_seed_same_tokens_and_rows_differ(tiny_llama):
 
 
 def test_updates_are_one_per_prompt_per_decode_step_while_rows_run(tiny_llama):
-    engine = engine_for(tiny_llama, stop=(255,))  # practically never sampled
+    engine = engine_for(tiny_llama, stop=(256,))  # outside the vocabulary of 256: no row can stop
     result = engine.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=10, esamp=esamp(),
                                                      sampling=SamplingParams(min_p=0.5)))
     assert result.steps == 9  # the first token comes from the prefill: not a decode step
-    if all(s.finish_reason == "length" for p in result.prompts for s in p.samples):
-        assert result.adapter_stats.updates == 9 * len(PROMPTS)
+    assert all(s.finish_reason == "length" for p in result.prompts for s in p.samples)
+    assert result.adapter_stats.updates == 9 * len(PROMPTS)
     assert len(result.adapter_stats.loss_per_step) == 9
 
 

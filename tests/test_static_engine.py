@@ -18,7 +18,7 @@ from tests.conftest import tiny_model
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20]]
 STOPS = list(range(30, 40))  # frequent enough that rows finish at different steps
 EXACT = SamplingParams(max_candidates=256)  # the tiny vocabulary: the fixed candidate space is exact
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py)
 
 
 def engines(model, stops=STOPS, **static):

@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from esamp_pl import resources
 from esamp_pl import settings as settings_lib
 from esamp_pl.engine import DecodeSettings, SampleResult
 from esamp_pl.static_engine import check_engine
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_LABELS = {"sampling.temperature": "T", "esamp.beta": "beta", "sampling.min_p": "min_p",
                 "sampling.top_p": "top_p"}
-_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+_CONF_DIR = resources.CONF_DIR
 
 
 @dataclass(frozen=True)

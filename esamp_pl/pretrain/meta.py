@@ -147,7 +147,7 @@ def episode_store_key(*, model_fingerprint: str, sites: str, prompts: list[str],
 
 def build_episode_store(loaded, sites: SitePair, spec: EpisodeSpec, *, root: Path | None = None) -> ShardStore:
     """The episodes for this model, sites and spec: reused from ``<cache>/episodes/...`` if present, else made."""
-    from esamp_pl.generation import build_engine
+    from esamp_pl.decoding import build_engine
     from esamp_pl.models import cache_root
     from esamp_pl.pretrain.corpus import DataSpec
     from esamp_pl.pretrain.selfgen import choose_prompts

