@@ -292,13 +292,15 @@ def replay(spec: AdapterSpec, batch: dict[str, torch.Tensor], n: int, state: dic
     adapter = TestTimeAdapter(spec, source.shape[1] // n, n, device=device, max_steps=source.shape[0])
     adapter.load_initial_state(state)
     updater = make_updater(adapter, "sync", device=torch.device(device))
-    try:
-        for step in range(source.shape[0]):
-            adapter.predict(source[step], for_update=updater.reuses_prediction)
-            updater.stage(source[step], target[step], active[step])
-            updater.launch()
-    finally:
-        updater.close()
+    # No autocast (a bf16-mixed trainer): the online steps run in float32, as the engine runs them.
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        try:
+            for step in range(source.shape[0]):
+                adapter.predict(source[step], for_update=updater.reuses_prediction)
+                updater.stage(source[step], target[step], active[step])
+                updater.launch()
+        finally:
+            updater.close()
     return adapter
 
 
