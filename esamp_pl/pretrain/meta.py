@@ -292,13 +292,15 @@ def replay(spec: AdapterSpec, batch: dict[str, torch.Tensor], n: int, state: dic
     adapter = TestTimeAdapter(spec, source.shape[1] // n, n, device=device, max_steps=source.shape[0])
     adapter.load_initial_state(state)
     updater = make_updater(adapter, "sync", device=torch.device(device))
-    try:
-        for step in range(source.shape[0]):
-            adapter.predict(source[step], for_update=updater.reuses_prediction)
-            updater.stage(source[step], target[step], active[step])
-            updater.launch()
-    finally:
-        updater.close()
+    # No autocast (a bf16-mixed trainer): the online steps run in float32, as the engine runs them.
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        try:
+            for step in range(source.shape[0]):
+                adapter.predict(source[step], for_update=updater.reuses_prediction)
+                updater.stage(source[step], target[step], active[step])
+                updater.launch()
+        finally:
+            updater.close()
     return adapter
 
 
@@ -316,6 +318,9 @@ class MetaDistillerModule(LightningModule):
         self._random: dict[str, torch.Tensor] | None = None
         self._random_val: dict[int, list[float]] = {}
         self._val: list[list[float]] = []
+        self.pairs_trained = 0
+        "pairs replayed by training steps in this process (with seconds_trained: the training rate)"
+        self.seconds_trained = 0.0
 
     def setup(self, stage: str) -> None:
         if self.bank is not None:
@@ -344,10 +349,12 @@ class MetaDistillerModule(LightningModule):
                 param.grad = self.trainer.strategy.reduce(direction, reduce_op="mean")
         optimizer.step()
         stats = adapter.stats()
-        pairs = int(batch["active"].sum())
+        pairs, seconds = int(batch["active"].sum()), time.perf_counter() - started
+        self.pairs_trained += pairs
+        self.seconds_trained += seconds
         self.log_dict({"train/online_relative_error": _mean(stats.relative_error_per_step),
                        "train/online_mse": _mean(stats.loss_per_step),
-                       "train/pairs_per_s": pairs / max(time.perf_counter() - started, 1e-9)},
+                       "train/pairs_per_s": pairs / max(seconds, 1e-9)},
                       prog_bar=True, batch_size=pairs)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -457,7 +464,6 @@ def run_meta_pretraining(cfg, *, callbacks=(), load: Callable[[], Any] | None = 
         log.info("resume=false: starting afresh, removing %s", last)
         last.unlink()
     resume = str(last) if last.is_file() else None
-    started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*ckpt_path.*")
         # The checkpoint holds the init after the meta step, which is what resuming needs.
@@ -466,14 +472,13 @@ def run_meta_pretraining(cfg, *, callbacks=(), load: Callable[[], Any] | None = 
     if trainer.interrupted:
         log.warning("training was interrupted; run the same command again to resume from %s", last)
         return None
-    seconds = time.perf_counter() - started
     metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
                if k.startswith("val/")}
     if not trainer.is_global_zero:
         return None
-    trained = trainer.global_step * cfg.prompts_per_step * episodes.n * episodes.steps
-    log.info("meta-trained %d steps (<= %d pairs replayed) in %.1f s: %.0f pairs/s", trainer.global_step, trained,
-             seconds, trained / max(seconds, 1e-9))
+    log.info("meta-trained to step %d: %d pairs replayed in %.1f s of training steps: %.0f pairs/s",
+             trainer.global_step, module.pairs_trained, module.seconds_trained,
+             module.pairs_trained / max(module.seconds_trained, 1e-9))
     return export_meta(cfg, datamodule.store, module, metrics, trainer.global_step)
 
 

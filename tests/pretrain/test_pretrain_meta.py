@@ -118,3 +118,10 @@ def test_bad_episode_settings_name_the_fix():
         EpisodeSpec(max_new_tokens=1)
     with pytest.raises(ValueError, match="esamp.learn must be true"):
         online_spec({"learn": False}, DistillerSpec(hidden_size=8))
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp"])
+def test_every_trainer_config_composes_for_manual_optimisation(tiny_model_dir, tmp_path, trainer):
+    cfg = meta_config(tiny_model_dir, tmp_path, f"trainer={trainer}")
+    assert cfg.trainer.gradient_clip_val is None  # Lightning refuses automatic clipping with manual optimisation
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.esamp.update_every == 1
