@@ -43,6 +43,7 @@ from esamp_pl.adapter import AdapterSpec, TestTimeAdapter
 from esamp_pl.async_update import make_updater
 from esamp_pl.distiller import DistillerBank, DistillerSpec
 from esamp_pl.engine import DecodeSettings
+from esamp_pl.files import write_json_atomic
 from esamp_pl.optim import AdamSpec
 from esamp_pl.pretrain.shards import ShardStore, ShardWriter
 from esamp_pl.sampling import SamplingParams
@@ -243,7 +244,7 @@ class EpisodeDataModule(LightningDataModule):
         if not self.pointer.is_file() or ShardStore.open(json.loads(self.pointer.read_text())["folder"]) is None:
             store = self.prepare()
             self.pointer.parent.mkdir(parents=True, exist_ok=True)
-            self.pointer.write_text(json.dumps({"folder": str(store.folder)}))
+            write_json_atomic(self.pointer, {"folder": str(store.folder)})
 
     def setup(self, stage: str | None = None) -> None:
         if self.store is None:
