@@ -277,6 +277,8 @@ def _check(cfg: DictConfig, prompts: list[str]) -> list[tuple[int, int]]:
         points = [tuple(p) for p in cfg.sweep]
         if not all(len(p) == 2 and all(isinstance(v, int) and v >= 1 for v in p) for p in points):
             raise ValueError(f"sweep must be a list of [prompts, n] pairs of positive integers, but is {cfg.sweep}")
+        if cfg.get("plot") and Path(cfg.plot).exists():
+            raise ValueError(f"plot={cfg.plot} exists and is never overwritten; choose another path or remove it")
         return points
     num_prompts = cfg.num_prompts if cfg.num_prompts is not None else len(prompts)
     if not 1 <= num_prompts <= len(prompts):
