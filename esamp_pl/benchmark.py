@@ -315,6 +315,7 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngin
     modes = [m for m in MODES if m in runs and (m != "hf" or hf)]
     rates: dict[str, list[float]] = {m: [] for m in modes}
     cpu_rates: dict[str, list[float]] = {m: [] for m in modes}
+    thread_rates: dict[str, list[float]] = {m: [] for m in modes}  # the decode thread's CPU time alone
     peaks: dict[str, float] = {m: 0.0 for m in modes}
     updates: dict[str, list[int]] = {m: [] for m in modes}
     paths: dict[str, str] = {}
@@ -322,21 +323,23 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngin
     def timed(mode: str) -> None:
         _sync(device)
         _reset_peak_memory(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start, thread_start = time.perf_counter(), time.process_time(), time.thread_time()
         tokens, mode_updates, path = runs[mode]()
         _sync(device)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        thread_seconds = time.thread_time() - thread_start
         peaks[mode] = max(peaks[mode], _peak_memory_mb(device))
         paths[mode] = path
         if mode_updates is not None:
             updates[mode].append(mode_updates)
         rates[mode].append(tokens / seconds)
         cpu_rates[mode].append(tokens / max(cpu_seconds, 1e-9))
+        thread_rates[mode].append(tokens / max(thread_seconds, 1e-9))
 
     for _ in range(cfg.warmup):
         for mode in modes:
             timed(mode)
-    for series in (rates, cpu_rates, updates):
+    for series in (rates, cpu_rates, thread_rates, updates):
         for values in series.values():
             values.clear()
     load_before = _load_average()
@@ -373,6 +376,7 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngin
         "tokens_per_s_on_nographs": round(median["on_nographs"], 2) if "on_nographs" in median else None,
         "cpu_ms_per_token_on": round(1e3 / cpu_median["on"], 4),
         "cpu_ms_per_token_off": round(1e3 / cpu_median["off"], 4),
+        "decode_thread_cpu_ms_per_token": {m: round(1e3 / statistics.median(v), 4) for m, v in thread_rates.items()},
         "device": str(device),
         "engine": cfg.engine,
         "paths": paths,
@@ -490,6 +494,9 @@ def report(summary: dict[str, Any]) -> str:
         lines.append(f"  engine (ESamp off) / HF generate: {summary['engine_hf_ratio']:.4f}")
     if summary["graphs_ratio"] is not None:
         lines.append(f"  ESamp on, CUDA graphs / no graphs: {summary['graphs_ratio']:.4f}")
+    thread = summary["decode_thread_cpu_ms_per_token"]
+    lines.append(f"  CPU ms per token, all threads: off {summary['cpu_ms_per_token_off']:.4f}, on "
+                 f"{summary['cpu_ms_per_token_on']:.4f}; decode thread alone: off {thread['off']:.4f}, on {thread['on']:.4f}")
     if summary["update_wait_ms_per_step"] is not None:
         lines.append(f"  decode thread waited {summary['update_wait_ms_per_step']:.3f} ms per step for the update")
     extras = summary["extras_ms_per_step"]

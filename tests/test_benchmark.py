@@ -57,6 +57,8 @@ def test_cpu_time_and_the_extras_share_are_reported(tmp_path):
                                                     rel=1e-3, abs=1e-5)  # async: the update is off the decode thread
     assert summary["extras_share_total"] > summary["extras_share"] > 0
     assert 0 < summary["cpu_time_ratio_profiled"] < 1
+    thread = summary["decode_thread_cpu_ms_per_token"]
+    assert 0 < thread["on"] <= summary["cpu_ms_per_token_on"] * 1.01  # the worker's update is not the decode thread's
     assert summary["update_wait_ms_per_step"] >= 0  # measured on the decode thread (CPU worker)
     assert summary["engine_hf_ratio"] is None and "hf" not in summary["rates"]
     assert len(summary["load_average"]["before"]) == 3
