@@ -307,7 +307,7 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngin
             return result.tokens_generated, stats.updates if stats is not None else None, result.mode
         return run
 
-    runs["off"], runs["on"] = own(engines["main"], off), own(engines["main"], on)
+    runs["off"], runs["on"] = own(engines["off"], off), own(engines["on"], on)
     if "nographs" in engines:
         runs["on_nographs"] = own(engines["nographs"], on)
     runs["hf"] = lambda: (hf_generate(loaded.model, prompt_ids, on.sampling, n=on.n, max_new_tokens=on.max_new_tokens,
@@ -402,7 +402,7 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngin
         "cpu_time_ratio_profiled": None,
     }
     if cfg.profile:
-        extras = profile_extras(engines["main"], on, len(prompt_ids))
+        extras = profile_extras(engines["on"], on, len(prompt_ids))
         # A CPU step is timed in CPU time like its extras (one decode thread); a CUDA step in wall time.
         step = summary["cpu_step_ms_off"] if device.type == "cpu" else summary["step_ms_off"]
         critical = critical_extras_ms(extras, summary["update_mode"])
@@ -414,7 +414,9 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngin
 
 
 def _engines(cfg: DictConfig, loaded: LoadedModel) -> dict[str, DecodeEngine]:
-    engines = {"main": build_engine(loaded, cfg.engine, cuda_graphs=cfg.cuda_graphs)}
+    """One engine per mode: the static engine keeps one captured program, so a shared one would re-capture its
+    CUDA graphs inside every timed run as the modes alternate."""
+    engines = {mode: build_engine(loaded, cfg.engine, cuda_graphs=cfg.cuda_graphs) for mode in ("off", "on")}
     if cfg.get("nographs"):
         engines["nographs"] = build_engine(loaded, "static", cuda_graphs=False)
     return engines

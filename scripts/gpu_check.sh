@@ -152,12 +152,12 @@ fi
 HYDRA=(hydra.output_subdir=null hydra.job.chdir=false)
 
 step environment 60 environment
-step install 180 install_and_check
+step install 60 install_and_check
 export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-step smoke 120 "$PYTHON" scripts/benchmark.py --config-name benchmark_gpu benchmark_shape=tiny-qwen2 "${DEVICE[@]}" \
+step smoke 90 "$PYTHON" scripts/benchmark.py --config-name benchmark_gpu benchmark_shape=tiny-qwen2 "${DEVICE[@]}" \
   num_prompts=2 n=4 max_new_tokens=16 rounds=1 hf_rounds=1 warmup=1 "hydra.run.dir=$WORK/smoke" "${HYDRA[@]}"
-step pytest_cuda 150 "$PYTHON" -m pytest -m cuda -q -rs -p no:cacheprovider tests
-step benchmark_gpu 330 "$PYTHON" scripts/benchmark.py --config-name benchmark_gpu "benchmark_shape=$SHAPE" \
+step pytest_cuda 120 "$PYTHON" -m pytest -m cuda -q -rs -p no:cacheprovider tests
+step benchmark_gpu 300 "$PYTHON" scripts/benchmark.py --config-name benchmark_gpu "benchmark_shape=$SHAPE" \
   "${DEVICE[@]}" "${BENCH[@]}" "hydra.run.dir=$WORK/benchmark" "${HYDRA[@]}"
 
 {
