@@ -5,6 +5,9 @@
 #   bash scripts/gpu_check.sh --dry-run OUT       # here, on the CPU: every step below, on a tiny random Qwen2
 #   bash scripts/gpu_check.sh OUT                 # there: writes logs, JSON and summary.txt into OUT
 #
+# Through this workplace's device tool: run(command="bash scripts/gpu_check.sh $OUT", carry=[".whl"], timeout_s=600)
+# from the checkout the session was started in, after --fetch-wheels there (.whl/ is gitignored; 15 MiB).
+#
 # Steps: versions of the machine; install from .whl/ what it lacks (hydra-core, omegaconf, antlr4, gguf, datasets,
 # dill, multiprocess; transformers when its version differs from the one tested here); a short benchmark on a tiny
 # model (catches a failing CUDA-graph capture in seconds); `pytest -m cuda`; then
