@@ -6,23 +6,35 @@ only the first ``hf_rounds`` (its margin is wide, ESamp's is the one that needs 
 
 * ``off``: plain sampling on the configured engine;
 * ``on``: ESamp (``esamp.*``: beta, online updates, scope) on the same engine;
+* ``on_nographs`` (``nographs=true``): ESamp on the static engine with CUDA graphs off, what the graphs win;
 * ``hf``: Hugging Face ``model.generate`` with the same filters (temperature, top-k, top-p, min-p).
 
-Stop tokens are ignored in all three (``ignore_eos``; HF: ``eos_token_id=None``), so every run
+Stop tokens are ignored in all of them (``ignore_eos``; HF: ``eos_token_id=None``), so every run
 generates prompts x n x max_new_tokens tokens and does the same work; tokens/s compare directly.
-Wall time covers prefill and decoding. The report gives medians over rounds, the ratios
-ESamp-on/off and engine/HF, the Distiller updates performed (a fast no-op is a bug), peak memory,
-and per-step costs of the ESamp extras measured on the run's shapes. Its last line is JSON.
+
+Two clocks, because a shared machine makes wall time noisy: wall time (tokens/s) and the
+process's CPU time per token, which counts every thread, the update's worker too: ESamp's whole
+cost, and much less sensitive to neighbours than the wall clock. The report gives medians over
+rounds, the ratios ESamp-on/off (wall and CPU), engine/HF, the Distiller updates performed (a
+fast no-op is a bug), peak memory, how long the decode thread waited for the update, and the
+per-step costs of the ESamp extras on the run's shapes with their share of a step. Its last line
+is JSON.
+
+``sweep`` measures the same for a list of prompts x n points (the shape of the paper's Table 3)
+and plots the extras' share of a step against the rows; ``benchmark_shape`` replaces the model's
+weights by random ones of a given architecture (no download: the GPU check).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +43,21 @@ from omegaconf import DictConfig
 
 from esamp_pl import settings as settings_lib
 from esamp_pl.adapter import TestTimeAdapter
-from esamp_pl.engine import DecodeEngine, DecodeSettings, left_pad
+from esamp_pl.async_update import ThreadUpdater
 from esamp_pl.decoding import build_engine
-from esamp_pl.models import LoadedModel, ModelSpec, load_model
+from esamp_pl.engine import DecodeEngine, DecodeSettings, left_pad
+from esamp_pl.models import LoadedModel, ModelSpec, load_model, model_fingerprint, torch_dtype
 from esamp_pl.prompts import encode_prompts, load_prompts
 from esamp_pl.sampling import SamplingParams, fuse, select_candidates
 from esamp_pl.static_engine import check_engine
 
 log = logging.getLogger(__name__)
-MODES = ("off", "on", "hf")
+MODES = ("off", "on", "on_nographs", "hf")
+MEMORY_SHARE = 0.6
+"a sweep point runs only if its KV cache needs at most this share of the free memory"
 
+
+# -- clocks and memory --------------------------------------------------------------------------------------
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -69,6 +86,96 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _free_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def kv_cache_bytes(config, rows: int, positions: int, dtype: torch.dtype) -> int:
+    """Bytes of a full KV cache for ``rows`` sequences of ``positions`` tokens."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return rows * positions * config.num_hidden_layers * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _update_waits() -> Iterator[list[float]]:
+    """Seconds the decode thread spends in ``ThreadUpdater.wait`` (the CPU worker), appended while active.
+
+    The benchmark's own instrument: the class method is wrapped for the duration and restored after.
+    """
+    waits: list[float] = []
+    original = ThreadUpdater.wait
+
+    def timed_wait(self) -> None:
+        start = time.perf_counter()
+        try:
+            original(self)
+        finally:
+            waits.append(time.perf_counter() - start)
+
+    ThreadUpdater.wait = timed_wait
+    try:
+        yield waits
+    finally:
+        ThreadUpdater.wait = original
+
+
+# -- models ---------------------------------------------------------------------------------------------------
+
+def byte_tokenizer():
+    """256 byte tokens + <eos>, <pad>: any text encodes, nothing downloads (for random-weight models)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def random_model(shape: Any, spec: ModelSpec, device: str | torch.device) -> LoadedModel:
+    """A model of the architecture ``shape.config`` (a transformers config: model_type and sizes) with random
+    weights in ``spec.dtype``, built on ``device``, with a byte tokenizer. A step costs what the real model's
+    costs (same shapes, and the static engine's candidate space is fixed), so it times like it, offline."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = settings_lib.to_plain(shape.config)
+    model_type = values.pop("model_type")
+    config = AutoConfig.for_model(model_type, **values)
+    tokenizer = byte_tokenizer()
+    if tokenizer.pad_token_id >= config.vocab_size:
+        raise ValueError(f"benchmark_shape.config.vocab_size must be > {tokenizer.pad_token_id} (the byte "
+                         f"tokenizer's ids), but is {config.vocab_size}")
+    dtype = torch_dtype(spec.dtype)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    named = dataclasses.replace(spec, name=f"random {shape.name}", name_or_path=f"random weights, {shape.name}",
+                                gguf_file=None, package=None, sha256=None, chat_template=False)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=named, fingerprint=model_fingerprint(config))
+
+
+# -- one mode ---------------------------------------------------------------------------------------------------
+
 def hf_generate(model, prompt_ids: list[list[int]], sampling: SamplingParams, *, n: int, max_new_tokens: int,
                 pad_token_id: int, seed: int) -> int:
     """Hugging Face ``generate`` with the same filters, never stopping early; returns the tokens generated."""
@@ -86,14 +193,16 @@ def hf_generate(model, prompt_ids: list[list[int]], sampling: SamplingParams, *,
 
 
 def _median_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
+    """Median milliseconds of ``fn``: CPU time of this thread on a CPU (steady under load), wall time on CUDA."""
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
     fn()
     times = []
     for _ in range(reps):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times) * 1e3
 
 
@@ -135,8 +244,16 @@ def profile_extras(engine: DecodeEngine, settings: DecodeSettings, num_prompts: 
     }
     kept_forward = _median_ms(lambda: adapter.predict(source), device, reps)
     costs["loss_backward"] = max(costs["update"] - kept_forward - costs["clip_adam"], 0.0)
-    return {k: round(v, 3) for k, v in costs.items()}
+    return {k: round(v, 4) for k, v in costs.items()}
 
+
+def critical_extras_ms(extras: dict[str, float], update_mode: str) -> float:
+    """The extras the decode thread pays: prediction and fusion, and the update too when it runs inline."""
+    return extras["distiller_forward"] + extras["projection_fusion"] + (extras["update"] if update_mode == "sync"
+                                                                          else 0.0)
+
+
+# -- set-up ---------------------------------------------------------------------------------------------------
 
 def _settings(cfg: DictConfig, loaded: LoadedModel) -> tuple[DecodeSettings, DecodeSettings]:
     on = settings_lib.with_hidden_size(settings_lib.decode_settings(cfg), loaded.model.config.hidden_size)
@@ -147,120 +264,302 @@ def _settings(cfg: DictConfig, loaded: LoadedModel) -> tuple[DecodeSettings, Dec
     return off, on
 
 
-def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
-    """Load, warm up, run the alternated rounds, print the report; returns the summary (the JSON line)."""
-    settings_lib.apply_threads(cfg.threads)
+def _check(cfg: DictConfig, prompts: list[str]) -> list[tuple[int, int]]:
+    """Every benchmark value checked before the model loads; returns the (prompts, n) points to measure."""
+    settings_lib.check_threads(cfg.threads)
     if cfg.rounds < 1:
         raise ValueError(f"rounds must be >= 1, but is {cfg.rounds}")
     if cfg.hf and not 1 <= cfg.hf_rounds <= cfg.rounds:
         raise ValueError(f"hf_rounds must be in [1, rounds={cfg.rounds}], but is {cfg.hf_rounds}")
-    model_spec = ModelSpec.from_config(cfg.model)
-    prompts = load_prompts(cfg.prompts)
-    if cfg.num_prompts is not None:
-        if not 1 <= cfg.num_prompts <= len(prompts):
-            raise ValueError(f"num_prompts must be in [1, {len(prompts)}] (the prompts given), but is {cfg.num_prompts}")
-        prompts = prompts[:cfg.num_prompts]
-    settings_lib.decode_settings(cfg)  # every value checked before the model loads
+    settings_lib.decode_settings(cfg)
     check_engine(cfg.engine)
+    if cfg.get("sweep"):
+        points = [tuple(p) for p in cfg.sweep]
+        if not all(len(p) == 2 and all(isinstance(v, int) and v >= 1 for v in p) for p in points):
+            raise ValueError(f"sweep must be a list of [prompts, n] pairs of positive integers, but is {cfg.sweep}")
+        if cfg.get("plot") and Path(cfg.plot).exists():
+            raise ValueError(f"plot={cfg.plot} exists and is never overwritten; choose another path or remove it")
+        return points
+    num_prompts = cfg.num_prompts if cfg.num_prompts is not None else len(prompts)
+    if not 1 <= num_prompts <= len(prompts):
+        raise ValueError(f"num_prompts must be in [1, {len(prompts)}] (the prompts given), but is {cfg.num_prompts}")
+    return [(num_prompts, cfg.n)]
 
-    loaded = load_model(model_spec, device=cfg.device)
+
+def _load(cfg: DictConfig) -> LoadedModel:
+    spec = ModelSpec.from_config(cfg.model)
+    shape = cfg.get("benchmark_shape")
+    return random_model(shape, spec, cfg.device) if shape else load_model(spec, device=cfg.device)
+
+
+# -- measuring ------------------------------------------------------------------------------------------------
+
+def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngine], prompt_ids: list[list[int]],
+            off: DecodeSettings, on: DecodeSettings, *, hf: bool) -> dict[str, Any]:
+    """Warm up, run the alternated rounds on one (prompts, n) point, profile the extras; returns its summary."""
     device = next(loaded.model.parameters()).device
-    off, on = _settings(cfg, loaded)
-    prompt_ids = encode_prompts(loaded.tokenizer, prompts, chat_template=model_spec.chat_template,
-                                max_context=loaded.max_context, max_new_tokens=on.max_new_tokens)
-    engine = build_engine(loaded, cfg.engine, cuda_graphs=cfg.cuda_graphs)
     runs: dict[str, Callable[[], tuple[int, int | None, str]]] = {}
 
-    def own(settings: DecodeSettings):
+    def own(engine: DecodeEngine, settings: DecodeSettings):
         def run():
             result = engine.generate(prompt_ids, settings)
             stats = result.adapter_stats
             return result.tokens_generated, stats.updates if stats is not None else None, result.mode
         return run
 
-    runs["off"], runs["on"] = own(off), own(on)
+    runs["off"], runs["on"] = own(engines["off"], off), own(engines["on"], on)
+    if "nographs" in engines:
+        runs["on_nographs"] = own(engines["nographs"], on)
     runs["hf"] = lambda: (hf_generate(loaded.model, prompt_ids, on.sampling, n=on.n, max_new_tokens=on.max_new_tokens,
                                       pad_token_id=loaded.tokenizer.pad_token_id, seed=on.seed), None, "hf generate")
-    modes = [m for m in MODES if m != "hf" or cfg.hf]
+    modes = [m for m in MODES if m in runs and (m != "hf" or hf)]
     rates: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_rates: dict[str, list[float]] = {m: [] for m in modes}
+    thread_rates: dict[str, list[float]] = {m: [] for m in modes}  # the decode thread's CPU time alone
     peaks: dict[str, float] = {m: 0.0 for m in modes}
-    updates: list[int] = []
+    updates: dict[str, list[int]] = {m: [] for m in modes}
     paths: dict[str, str] = {}
 
-    def timed(mode: str) -> float:
+    def timed(mode: str) -> None:
         _sync(device)
         _reset_peak_memory(device)
-        start = time.perf_counter()
+        start, cpu_start, thread_start = time.perf_counter(), time.process_time(), time.thread_time()
         tokens, mode_updates, path = runs[mode]()
         _sync(device)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        thread_seconds = time.thread_time() - thread_start
         peaks[mode] = max(peaks[mode], _peak_memory_mb(device))
         paths[mode] = path
         if mode_updates is not None:
-            updates.append(mode_updates)
-        return tokens / seconds
+            updates[mode].append(mode_updates)
+        rates[mode].append(tokens / seconds)
+        cpu_rates[mode].append(tokens / max(cpu_seconds, 1e-9))
+        thread_rates[mode].append(tokens / max(thread_seconds, 1e-9))
 
     for _ in range(cfg.warmup):
         for mode in modes:
             timed(mode)
-    updates.clear()
-    for r in range(cfg.rounds):
-        order = [m for m in modes if m != "hf" or r < cfg.hf_rounds]
-        for mode in order if r % 2 == 0 else order[::-1]:
-            rates[mode].append(timed(mode))
-            log.info("round %d %s: %.1f tokens/s", r, mode, rates[mode][-1])
+    for series in (rates, cpu_rates, thread_rates, updates):
+        for values in series.values():
+            values.clear()
+    load_before = _load_average()
+    with _update_waits() as waits:
+        for r in range(cfg.rounds):
+            order = [m for m in modes if m != "hf" or r < cfg.hf_rounds]
+            for mode in order if r % 2 == 0 else order[::-1]:
+                waits_before = len(waits)
+                timed(mode)
+                if mode != "on":
+                    del waits[waits_before:]  # only ESamp-on's decode thread is of interest
+                log.info("round %d %s: %.1f tokens/s, %.1f tokens per CPU-second", r, mode, rates[mode][-1],
+                         cpu_rates[mode][-1])
     median = {m: statistics.median(v) for m, v in rates.items()}
-    extras = profile_extras(engine, on, len(prompt_ids)) if cfg.profile else None
+    cpu_median = {m: statistics.median(v) for m, v in cpu_rates.items()}
+    rows = len(prompt_ids) * on.n
+    decode_steps = cfg.rounds * (on.max_new_tokens - 1)
 
-    steps = on.max_new_tokens  # tokens per row per run
-    step_ms = 1e3 * len(prompt_ids) * on.n / median["off"]  # wall ms per token step, prefill included
+    def paired(series: dict[str, list[float]], a: str, b: str) -> float:
+        return round(statistics.median(x / y for x, y in zip(series[a], series[b])), 4)
+
     summary: dict[str, Any] = {
         "esamp_on_off_ratio": round(median["on"] / median["off"], 4),
-        "esamp_on_off_ratio_paired": round(statistics.median(a / b for a, b in zip(rates["on"], rates["off"])), 4),
+        "esamp_on_off_ratio_paired": paired(rates, "on", "off"),
+        "cpu_time_ratio": round(cpu_median["on"] / cpu_median["off"], 4),
+        "cpu_time_ratio_paired": paired(cpu_rates, "on", "off"),
         "engine_hf_ratio": round(median["off"] / median["hf"], 4) if "hf" in median else None,
-        "updates": min(updates) if updates else 0,
+        "graphs_ratio": round(median["on"] / median["on_nographs"], 4) if "on_nographs" in median else None,
+        "updates": min(updates["on"]) if updates["on"] else 0,
+        "updates_per_mode": {m: min(v) for m, v in updates.items() if v},
         "tokens_per_s_on": round(median["on"], 2),
         "tokens_per_s_off": round(median["off"], 2),
         "tokens_per_s_hf": round(median["hf"], 2) if "hf" in median else None,
+        "tokens_per_s_on_nographs": round(median["on_nographs"], 2) if "on_nographs" in median else None,
+        "cpu_ms_per_token_on": round(1e3 / cpu_median["on"], 4),
+        "cpu_ms_per_token_off": round(1e3 / cpu_median["off"], 4),
+        "decode_thread_cpu_ms_per_token": {m: round(1e3 / statistics.median(v), 4) for m, v in thread_rates.items()},
         "device": str(device),
         "engine": cfg.engine,
         "paths": paths,
         "update_mode": on.esamp.adapter.update_mode,
-        "model": model_spec.name,
+        "model": loaded.spec.name,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "prompts": len(prompt_ids),
         "n": on.n,
-        "max_new_tokens": steps,
+        "rows": rows,
+        "max_new_tokens": on.max_new_tokens,
         "rounds": cfg.rounds,
         "threads": torch.get_num_threads(),
+        "load_average": {"before": load_before, "after": _load_average()},
         "peak_memory_mb": {m: round(v, 1) for m, v in peaks.items()},
         "rates": {m: [round(x, 2) for x in v] for m, v in rates.items()},
-        "step_ms_off": round(step_ms, 2),
-        "extras_ms_per_step": extras,
+        "cpu_rates": {m: [round(x, 2) for x in v] for m, v in cpu_rates.items()},
+        "step_ms_off": round(1e3 * rows / median["off"], 3),
+        "cpu_step_ms_off": round(1e3 * rows / cpu_median["off"], 3),
+        "update_wait_ms_per_step": round(1e3 * sum(waits) / decode_steps, 4) if waits else None,
+        "extras_ms_per_step": None,
+        "extras_share": None,
+        "extras_share_total": None,
+        "cpu_time_ratio_profiled": None,
     }
-    print(report(summary))
+    if cfg.profile:
+        extras = profile_extras(engines["on"], on, len(prompt_ids))
+        # A CPU step is timed in CPU time like its extras (one decode thread); a CUDA step in wall time.
+        step = summary["cpu_step_ms_off"] if device.type == "cpu" else summary["step_ms_off"]
+        critical = critical_extras_ms(extras, summary["update_mode"])
+        total = extras["distiller_forward"] + extras["projection_fusion"] + extras["update"]
+        summary.update(extras_ms_per_step=extras, extras_share=round(critical / step, 5),
+                       extras_share_total=round(total / step, 5),
+                       cpu_time_ratio_profiled=round(step / (step + total), 4) if device.type == "cpu" else None)
     return summary
 
 
+def _engines(cfg: DictConfig, loaded: LoadedModel) -> dict[str, DecodeEngine]:
+    """One engine per mode: the static engine keeps one captured program, so a shared one would re-capture its
+    CUDA graphs inside every timed run as the modes alternate."""
+    engines = {mode: build_engine(loaded, cfg.engine, cuda_graphs=cfg.cuda_graphs) for mode in ("off", "on")}
+    if cfg.get("nographs"):
+        engines["nographs"] = build_engine(loaded, "static", cuda_graphs=False)
+    return engines
+
+
+def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
+    """Load, warm up, run the alternated rounds, print the report; returns the summary (the JSON line).
+
+    With ``sweep`` set, every (prompts, n) point is measured in turn (prompts repeat cyclically when a
+    point asks for more than are given) and the summary is ``{"points": [...], ...}``.
+    """
+    prompts = load_prompts(cfg.prompts)
+    points = _check(cfg, prompts)
+    settings_lib.apply_threads(cfg.threads)
+    loaded = _load(cfg)
+    off, on = _settings(cfg, loaded)
+    engines = _engines(cfg, loaded)
+    if not cfg.get("sweep"):
+        prompt_ids = _encode(loaded, prompts[:points[0][0]], on)
+        summary = measure(cfg, loaded, engines, prompt_ids, off, on, hf=cfg.hf)
+        print(report(summary))
+        return summary
+    return _sweep(cfg, loaded, engines, prompts, points, off, on)
+
+
+def _encode(loaded: LoadedModel, prompts: list[str], on: DecodeSettings) -> list[list[int]]:
+    return encode_prompts(loaded.tokenizer, prompts, chat_template=loaded.spec.chat_template,
+                          max_context=loaded.max_context, max_new_tokens=on.max_new_tokens)
+
+
+def _sweep(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngine], prompts: list[str],
+           points: list[tuple[int, int]], off: DecodeSettings, on: DecodeSettings) -> dict[str, Any]:
+    device = next(loaded.model.parameters()).device
+    dtype = next(loaded.model.parameters()).dtype
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for num_prompts, n in points:
+        prompt_ids = _encode(loaded, [prompts[i % len(prompts)] for i in range(num_prompts)], on)
+        positions = max(len(ids) for ids in prompt_ids) + on.max_new_tokens
+        need, free = kv_cache_bytes(loaded.model.config, num_prompts * n, positions, dtype), _free_memory_bytes(device)
+        if free is not None and need > MEMORY_SHARE * free:
+            reason = f"KV cache {need / 2**30:.1f} GiB > {MEMORY_SHARE:.0%} of free {free / 2**30:.1f} GiB"
+            log.warning("sweep point %d x %d skipped: %s", num_prompts, n, reason)
+            skipped.append({"prompts": num_prompts, "n": n, "reason": reason})
+            continue
+        point = measure(cfg, loaded, engines, prompt_ids, dataclasses.replace(off, n=n),
+                        dataclasses.replace(on, n=n), hf=False)
+        print(report(point), flush=True)
+        results.append(point)
+    summary: dict[str, Any] = {"points": results, "skipped": skipped, "model": loaded.spec.name,
+                               "device": str(device), "max_new_tokens": on.max_new_tokens, "rounds": cfg.rounds,
+                               "plot": None}
+    print(sweep_table(results, skipped))
+    if results and cfg.get("plot"):
+        summary["plot"] = str(plot_sweep(results, Path(cfg.plot)))
+    return summary
+
+
+# -- reports --------------------------------------------------------------------------------------------------
+
 def report(summary: dict[str, Any]) -> str:
-    """The human-readable table (the JSON line follows it)."""
-    lines = [f"model {summary['model']} on {summary['device']} ({summary['threads']} threads), engine "
-             f"{summary['engine']}, {summary['prompts']} prompts x {summary['n']} samples x "
-             f"{summary['max_new_tokens']} tokens, {summary['rounds']} alternated rounds"]
-    for mode in ("off", "on", "hf"):
+    """The human-readable table of one point (the JSON line follows it)."""
+    lines = [f"model {summary['model']} ({summary['dtype']}) on {summary['device']} ({summary['threads']} threads), "
+             f"engine {summary['engine']}, {summary['prompts']} prompts x {summary['n']} samples x "
+             f"{summary['max_new_tokens']} tokens, {summary['rounds']} alternated rounds, load average "
+             f"{summary['load_average']['before']} -> {summary['load_average']['after']}"]
+    for mode in MODES:
         if summary["rates"].get(mode):
-            lines.append(f"  {mode:>3}: median {statistics.median(summary['rates'][mode]):9.2f} tokens/s  runs "
+            lines.append(f"  {mode:>11}: median {statistics.median(summary['rates'][mode]):9.2f} tokens/s, "
+                         f"{statistics.median(summary['cpu_rates'][mode]):9.2f} per CPU-second  runs "
                          f"{summary['rates'][mode]}  peak {summary['peak_memory_mb'][mode]:.0f} MB  "
                          f"[{summary['paths'].get(mode, '')}]")
-    lines.append(f"  ESamp on / off: {summary['esamp_on_off_ratio']:.4f} (median of paired rounds "
-                 f"{summary['esamp_on_off_ratio_paired']:.4f}), Distiller updates per run: {summary['updates']}")
+    lines.append(f"  ESamp on / off: wall {summary['esamp_on_off_ratio']:.4f} (paired rounds "
+                 f"{summary['esamp_on_off_ratio_paired']:.4f}), CPU time {summary['cpu_time_ratio']:.4f} (paired "
+                 f"{summary['cpu_time_ratio_paired']:.4f}); Distiller updates per run: {summary['updates']}")
     if summary["engine_hf_ratio"] is not None:
         lines.append(f"  engine (ESamp off) / HF generate: {summary['engine_hf_ratio']:.4f}")
+    if summary["graphs_ratio"] is not None:
+        lines.append(f"  ESamp on, CUDA graphs / no graphs: {summary['graphs_ratio']:.4f}")
+    thread = summary["decode_thread_cpu_ms_per_token"]
+    lines.append(f"  CPU ms per token, all threads: off {summary['cpu_ms_per_token_off']:.4f}, on "
+                 f"{summary['cpu_ms_per_token_on']:.4f}; decode thread alone: off {thread['off']:.4f}, on {thread['on']:.4f}")
+    if summary["update_wait_ms_per_step"] is not None:
+        lines.append(f"  decode thread waited {summary['update_wait_ms_per_step']:.3f} ms per step for the update")
     extras = summary["extras_ms_per_step"]
     if extras:
-        step = summary["step_ms_off"]
+        cpu = summary["device"] == "cpu"
+        step = summary["cpu_step_ms_off"] if cpu else summary["step_ms_off"]
         parts = ", ".join(f"{k} {v:.3f} ms ({100 * v / step:.2f}%)" for k, v in extras.items())
-        lines.append(f"  ESamp extras per step (decode step ~{step:.1f} ms): {parts}")
+        lines.append(f"  ESamp extras per step ({'CPU time' if cpu else 'wall'}; step ~{step:.1f} ms): {parts}")
+        lines.append(f"  share of a step: {100 * summary['extras_share']:.3f}% on the decode thread, "
+                     f"{100 * summary['extras_share_total']:.3f}% in all"
+                     + (f" (CPU-time ratio this predicts: {summary['cpu_time_ratio_profiled']:.4f})" if cpu else ""))
         if summary["update_mode"] == "async":
             lines.append("  (update_mode async: the update runs beside the next forward, on a worker thread or a CUDA "
                          "side stream; the decode thread pays distiller_forward and projection_fusion)")
     return "\n".join(lines)
+
+
+def sweep_table(points: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> str:
+    """One line per point: extras per step and their share, the CPU-time and wall ratios, updates performed."""
+    lines = ["prompts x n   rows   step ms   extras ms (decode thread / all)   share % (decode / all)   "
+             "CPU-time ratio   wall ratio (paired)   updates"]
+    for p in points:
+        extras = p["extras_ms_per_step"] or {}
+        critical = critical_extras_ms(extras, p["update_mode"]) if extras else float("nan")
+        total = sum(extras.get(k, 0.0) for k in ("distiller_forward", "projection_fusion", "update"))
+        step = p["cpu_step_ms_off"] if p["device"] == "cpu" else p["step_ms_off"]
+        share = p["extras_share"] if p["extras_share"] is not None else float("nan")
+        share_total = p["extras_share_total"] if p["extras_share_total"] is not None else float("nan")
+        lines.append(f"{p['prompts']:>7} x {p['n']:<3} {p['rows']:>6} {step:>9.2f}   {critical:>8.3f} / {total:<8.3f}"
+                     f"                 {100 * share:>6.3f} / {100 * share_total:<6.3f}          "
+                     f"{p['cpu_time_ratio']:>6.4f}           {p['esamp_on_off_ratio_paired']:>6.4f}          "
+                     f"{p['updates']}")
+    lines += [f"{s['prompts']:>7} x {s['n']:<3} skipped: {s['reason']}" for s in skipped]
+    return "\n".join(lines)
+
+
+def plot_sweep(points: list[dict[str, Any]], path: Path) -> Path:
+    """PNG of the extras' share of a step against the rows (prompts x n); refuses to overwrite a file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose another plot= path or remove it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [p["rows"] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rows, [100 * (p["extras_share"] or 0) for p in points], "o-", label="extras on the decode thread")
+    ax.plot(rows, [100 * (p["extras_share_total"] or 0) for p in points], "s--", label="extras in all (update included)")
+    ax.plot(rows, [100 * (1 - p["cpu_time_ratio"]) for p in points], "^:", label="measured: 1 - CPU-time ratio")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows per step (prompts x n)")
+    ax.set_ylabel("% of a decode step")
+    ax.set_title(f"ESamp's cost, {points[0]['model']} on {points[0]['device']}, {points[0]['max_new_tokens']} tokens")
+    for p in points:
+        ax.annotate(f"{p['prompts']}x{p['n']}", (p["rows"], 100 * (p["extras_share_total"] or 0)),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

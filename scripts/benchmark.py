@@ -1,10 +1,13 @@
 """ESamp's overhead and the engine's speed, in one process. Config: conf/benchmark.yaml.
 
     python scripts/benchmark.py                                  # CPU, offline model, 4 prompts x 8 x 64
-    python scripts/benchmark.py --config-name benchmark_gpu      # GPU, Qwen2.5-7B, 8 prompts x 16
+    python scripts/benchmark.py --config-name benchmark_sweep    # growth: 1x1 .. 32x16 prompts x n, 256 tokens, PNG
+    python scripts/benchmark.py --config-name benchmark_gpu      # GPU, Qwen2.5-7B, 8 prompts x 16 x 256
+    python scripts/benchmark.py --config-name benchmark_gpu benchmark_shape=qwen2.5-7b   # same, random weights
     python scripts/benchmark.py engine=eager esamp.update_mode=sync rounds=9
 
-The last line printed is a JSON summary (esamp_on_off_ratio, engine_hf_ratio, updates, tokens/s, device).
+The last line printed is a JSON summary (esamp_on_off_ratio, cpu_time_ratio, extras_share, engine_hf_ratio,
+updates, tokens/s, device); with a sweep, {"points": [...]}.
 """
 
 import json
