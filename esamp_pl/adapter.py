@@ -101,6 +101,8 @@ class TestTimeAdapter:
         self._history_len = torch.zeros(1, dtype=torch.long, device=device)
         self.ring = PairRing(spec.update_every, num_distillers) if spec.update_every > 1 else None
         "esamp.update_every > 1: the pairs of the current block (the updater writes and trains on it)"
+        self.keeps_activations = True
+        "predict() keeps the activations update() reuses; an updater that recomputes the forward turns it off"
 
     def _trained_rows(self, active_rows: torch.Tensor) -> torch.Tensor:
         """The rows that train this step: every active row, or (``first``) each prompt's first active one."""
@@ -142,15 +144,17 @@ class TestTimeAdapter:
         finite = torch.isfinite(source).all(-1)
         return source.masked_fill(~finite.unsqueeze(-1), 0.0), finite
 
-    def predict(self, source: torch.Tensor, *, for_update: bool = True) -> torch.Tensor:
+    def predict(self, source: torch.Tensor, *, for_update: bool | None = None) -> torch.Tensor:
         """Predicted targets ``[rows, hidden]`` for this step's ``source`` ``[rows, hidden]``.
 
-        ``for_update`` keeps what :meth:`update` needs (the prediction's activations); without it
-        the prediction is a plain forward and the step's update must go through :meth:`update_on`.
+        It keeps what :meth:`update` needs (the prediction's activations) when ``for_update`` says so,
+        by default when :attr:`keeps_activations` does (the updater sets it); without them the
+        prediction is a plain forward and the step's update must go through :meth:`update_on`.
         """
+        keep = self.keeps_activations if for_update is None else for_update
         source, finite = self._clean(source)
-        prediction, saved = self._forward(source, keep=for_update)
-        self._pending = (prediction, saved, finite) if for_update else None
+        prediction, saved = self._forward(source, keep=keep)
+        self._pending = (prediction, saved, finite) if keep else None
         return prediction.masked_fill(~finite.unsqueeze(-1), float("nan"))
 
     def _forward(self, source: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, tuple | None]:

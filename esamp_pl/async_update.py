@@ -36,7 +36,7 @@ class InlineUpdater:
     """The synchronous update: inline, reusing the step's prediction and its activations (no second forward)."""
 
     reuses_prediction = True
-    "the update reuses the step's prediction: predict with ``for_update=True``"
+    "the update reuses the step's prediction and its activations (the adapter keeps them)"
 
     def __init__(self, adapter: TestTimeAdapter) -> None:
         self.adapter = adapter
@@ -45,6 +45,7 @@ class InlineUpdater:
         self.ring = adapter.ring
         if self.ring is not None:
             self.reuses_prediction = False
+        adapter.keeps_activations = self.reuses_prediction  # no activations kept that no update reads
 
     def stage(self, source: torch.Tensor, target: torch.Tensor, active: torch.Tensor) -> None:
         """This step's pairs and the rows that may train on them."""
@@ -177,6 +178,10 @@ class StreamUpdater(InlineUpdater):
             else:
                 self.adapter.update_on(*self.buffers)
         self._graph = graph
+
+    def drop_graph(self) -> None:
+        """Run the update eagerly again (its capture, or the capture of the step around it, failed)."""
+        self._graph = None
 
 
 def make_updater(adapter: TestTimeAdapter, mode: str, *, device: torch.device,

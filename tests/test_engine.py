@@ -5,7 +5,8 @@ import torch
 
 from esamp_pl.adapter import AdapterSpec
 from esamp_pl.distiller import DistillerSpec
-from esamp_pl.engine import DecodeEngine, DecodeSettings, ESampSettings, left_pad
+from esamp_pl.engine import DecodeEngine, DecodeSettings, ESampSettings, choose_token, left_pad
+from esamp_pl.esamp import ESampStep
 from esamp_pl.sampling import SamplingParams
 from esamp_pl.sites import SitePair
 from esamp_pl.static_engine import ENGINES, make_engine
@@ -159,8 +160,11 @@ def test_sharpen_only_control_equals_plain_sampling_at_lower_temperature(tiny_ll
     torch.manual_seed(0)
     logits = torch.randn(512, 256) * 2
     uniform = torch.rand(512)
-    a = engine._choose(logits, sharpen, None, None, SamplingParams(top_k=5, min_p=0.0), uniform)
-    b = engine._choose(logits, None, None, None, SamplingParams(top_k=5, min_p=0.0, temperature=0.8), uniform)
+    sampling = SamplingParams(top_k=5, min_p=0.0)
+    step = ESampStep(sharpen, sampling, engine.head, num_prompts=512, samples_per_prompt=1, max_steps=1, seed=0,
+                     device=engine.device)
+    a = choose_token(logits, sampling, uniform, esamp=step)
+    b = choose_token(logits, SamplingParams(top_k=5, min_p=0.0, temperature=0.8), uniform)
     assert (a == b).float().mean() > 0.99  # equal up to float rounding at CDF boundaries
     result = engine.generate(PROMPTS, DecodeSettings(n=2, max_new_tokens=4, esamp=sharpen))
     assert result.adapter_stats is None
