@@ -45,7 +45,7 @@ from esamp_pl import settings as settings_lib
 from esamp_pl.adapter import TestTimeAdapter
 from esamp_pl.async_update import ThreadUpdater
 from esamp_pl.decoding import build_engine
-from esamp_pl.engine import DecodeEngine, DecodeSettings, left_pad
+from esamp_pl.decode_loop import DecodeLoop, DecodeSettings, left_pad
 from esamp_pl.models import LoadedModel, ModelSpec, load_model, model_fingerprint, torch_dtype
 from esamp_pl.prompts import encode_prompts, load_prompts
 from esamp_pl.sampling import SamplingParams, fuse, select_candidates
@@ -207,7 +207,7 @@ def _median_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
 
 
 @torch.no_grad()
-def profile_extras(engine: DecodeEngine, settings: DecodeSettings, num_prompts: int, *, reps: int = 20) -> dict:
+def profile_extras(engine: DecodeLoop, settings: DecodeSettings, num_prompts: int, *, reps: int = 20) -> dict:
     """Median milliseconds per decode step of each ESamp extra, on this run's shapes and the model's head.
 
     Hidden states and logits are random (the costs do not depend on their values). ``update`` is one
@@ -294,13 +294,13 @@ def _load(cfg: DictConfig) -> LoadedModel:
 
 # -- measuring ------------------------------------------------------------------------------------------------
 
-def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngine], prompt_ids: list[list[int]],
+def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeLoop], prompt_ids: list[list[int]],
             off: DecodeSettings, on: DecodeSettings, *, hf: bool) -> dict[str, Any]:
     """Warm up, run the alternated rounds on one (prompts, n) point, profile the extras; returns its summary."""
     device = next(loaded.model.parameters()).device
     runs: dict[str, Callable[[], tuple[int, int | None, str]]] = {}
 
-    def own(engine: DecodeEngine, settings: DecodeSettings):
+    def own(engine: DecodeLoop, settings: DecodeSettings):
         def run():
             result = engine.generate(prompt_ids, settings)
             stats = result.adapter_stats
@@ -413,7 +413,7 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngin
     return summary
 
 
-def _engines(cfg: DictConfig, loaded: LoadedModel) -> dict[str, DecodeEngine]:
+def _engines(cfg: DictConfig, loaded: LoadedModel) -> dict[str, DecodeLoop]:
     """One engine per mode: the static engine keeps one captured program, so a shared one would re-capture its
     CUDA graphs inside every timed run as the modes alternate."""
     engines = {mode: build_engine(loaded, cfg.engine, cuda_graphs=cfg.cuda_graphs) for mode in ("off", "on")}
@@ -447,7 +447,7 @@ def _encode(loaded: LoadedModel, prompts: list[str], on: DecodeSettings) -> list
                           max_context=loaded.max_context, max_new_tokens=on.max_new_tokens)
 
 
-def _sweep(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeEngine], prompts: list[str],
+def _sweep(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeLoop], prompts: list[str],
            points: list[tuple[int, int]], off: DecodeSettings, on: DecodeSettings) -> dict[str, Any]:
     device = next(loaded.model.parameters()).device
     dtype = next(loaded.model.parameters()).dtype

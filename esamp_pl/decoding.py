@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from esamp_pl import settings as settings_lib
-from esamp_pl.engine import DecodeEngine, DecodeSettings
+from esamp_pl.decode_loop import DecodeLoop, DecodeSettings
 from esamp_pl.models import LoadedModel
 from esamp_pl.sites import SitePair
 from esamp_pl.static_engine import make_engine
@@ -27,7 +27,7 @@ def stop_token_ids(loaded: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
-def build_engine(loaded: LoadedModel, kind: str = "eager", *, cuda_graphs: bool = True) -> DecodeEngine:
+def build_engine(loaded: LoadedModel, kind: str = "eager", *, cuda_graphs: bool = True) -> DecodeLoop:
     """The decode engine ``kind`` (config key ``engine``): eager (reference loop) or static (fixed shapes)."""
     return make_engine(kind, loaded.model, sites=SitePair(loaded.spec.sites), stop_token_ids=stop_token_ids(loaded),
                        pad_token_id=loaded.tokenizer.pad_token_id, cuda_graphs=cuda_graphs)
