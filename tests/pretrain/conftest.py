@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from lightning.pytorch import Callback
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -54,16 +55,42 @@ def cache_env(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def pretrain_config(model_dir: Path, tmp_path: Path, *overrides: str):
-    """The real conf/pretrain.yaml, composed with a tiny local model and fast trainer settings."""
+def tiny_model_config(config_name: str, model_dir: Path, *overrides: str):
+    """The real ``conf/<config_name>.yaml``, composed with the tiny local model at ``model_dir``."""
     from hydra import compose, initialize_config_dir
     conf = Path(__file__).resolve().parents[2] / "conf"
-    base = ["model.name=tiny", f"model.name_or_path={model_dir}", "model.gguf_file=null", "model.package=null",
-            "model.sha256=null", "model.chat_template=false", "data=files", "distiller.rank=8",
-            "data.window=32", "data.batch_size=64", "data.extract_batch_size=4", "trainer.max_steps=6",
-            "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", "warmup_steps=2", "checkpoint_every=2",
-            f"export.dir={tmp_path / 'checkpoints'}"]
+    model = ["model.name=tiny", f"model.name_or_path={model_dir}", "model.gguf_file=null", "model.package=null",
+             "model.sha256=null", "model.chat_template=false", "distiller.rank=8"]
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="pretrain", overrides=base + list(overrides))
-    return cfg
+        return compose(config_name=config_name, overrides=model + list(overrides))
+
+
+def pretrain_config(model_dir: Path, tmp_path: Path, *overrides: str):
+    """conf/pretrain.yaml with a tiny local model and fast trainer settings."""
+    return tiny_model_config(
+        "pretrain", model_dir, "data=files", "data.window=32", "data.batch_size=64", "data.extract_batch_size=4",
+        "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "warmup_steps=2",
+        "checkpoint_every=2", f"export.dir={tmp_path / 'checkpoints'}", *overrides)
+
+
+class CrashAt(Callback):
+    """Raises inside training once ``trainer.global_step`` reaches ``step`` (a simulated crash)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class FirstStep(Callback):
+    """Remembers the global step of the first training batch (where a resumed run starts)."""
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if self.first is None:
+            self.first = trainer.global_step

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback
 
 from esamp_pl.adapter import AdapterSpec
 from esamp_pl.checkpoint import load_checkpoint
@@ -15,6 +14,7 @@ from esamp_pl.pretrain.meta import (EpisodeSpec, EpisodeStream, online_spec, rea
 from esamp_pl.pretrain.shards import ShardStore, ShardWriter
 from esamp_pl.sampling import SamplingParams
 from esamp_pl.sites import SitePair
+from tests.pretrain.conftest import CrashAt, FirstStep, tiny_model_config
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11]]
 
@@ -45,16 +45,13 @@ def test_an_episode_replays_the_online_steps_the_engine_ran(tiny_llama, tmp_path
 
 
 def meta_config(model_dir: Path, tmp_path: Path, *overrides: str):
-    from hydra import compose, initialize_config_dir
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    base = ["model.name=tiny", f"model.name_or_path={model_dir}", "model.gguf_file=null", "model.package=null",
-            "model.sha256=null", "model.chat_template=false", "distiller.rank=8", "episodes.num_prompts=6",
-            "episodes.val_prompts=2", "episodes.n=2", "episodes.max_new_tokens=6", "episodes.generation_batch_size=6",
-            "prompts_per_step=2", "trainer.max_steps=4", "trainer.val_check_interval=2",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "checkpoint_every=1",
-            f"checkpoints_dir={tmp_path / 'checkpoints'}", f"run_dir={tmp_path / 'run'}"]
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return compose(config_name="pretrain_meta", overrides=base + list(overrides))
+    """conf/pretrain_meta.yaml with a tiny local model and a few short episodes."""
+    return tiny_model_config(
+        "pretrain_meta", model_dir, "episodes.num_prompts=6", "episodes.val_prompts=2", "episodes.n=2",
+        "episodes.max_new_tokens=6", "episodes.generation_batch_size=6", "prompts_per_step=2", "trainer.max_steps=4",
+        "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "checkpoint_every=1", f"checkpoints_dir={tmp_path / 'checkpoints'}", f"run_dir={tmp_path / 'run'}",
+        *overrides)
 
 
 EXPORT = Path("checkpoints") / "tiny" / "paper-r8-meta.distiller.safetensors"
@@ -78,24 +75,6 @@ def test_a_reptile_step_moves_the_init_to_the_mean_of_the_adapted_distillers(tin
     for name, tensor in adapted.bank.named_parameters():
         torch.testing.assert_close(state[name], tensor.detach().mean(0, keepdim=True), rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(state[name], random[name]) for name in state)
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
-class FirstStep(Callback):
-    def __init__(self) -> None:
-        self.first: int | None = None
-
-    def on_train_batch_start(self, trainer, *args) -> None:
-        if self.first is None:
-            self.first = trainer.global_step
 
 
 def test_an_interrupted_run_resumes_to_the_same_init(tiny_model_dir, tmp_path, cache_env):

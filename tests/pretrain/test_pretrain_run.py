@@ -15,7 +15,7 @@ from esamp_pl.init import initial_distiller_state
 from esamp_pl.models import ModelSpec, ModelUnavailableError, load_model
 from esamp_pl.pretrain.corpus import CorpusError
 from esamp_pl.pretrain.run import run_pretraining
-from tests.pretrain.conftest import pretrain_config
+from tests.pretrain.conftest import CrashAt, FirstStep, pretrain_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORT = Path("checkpoints") / "tiny" / "paper-r8.distiller.safetensors"
@@ -34,24 +34,6 @@ def test_fast_dev_run_exports_a_checkpoint_the_warm_start_accepts(tiny_model_dir
                                    distiller_spec=DistillerSpec(hidden_size=64, rank=8),
                                    checkpoints_dir=tmp_path / "checkpoints")
     assert all(torch.equal(warm[k], state[k]) for k in state)
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
-class FirstStep(Callback):
-    def __init__(self) -> None:
-        self.first: int | None = None
-
-    def on_train_batch_start(self, trainer, *args) -> None:
-        if self.first is None:
-            self.first = trainer.global_step
 
 
 def test_resume_after_an_interruption(tiny_model_dir, corpus_file, tmp_path, cache_env):
