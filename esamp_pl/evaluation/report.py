@@ -31,14 +31,16 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def _table(summaries: list[MethodSummary], graded: bool) -> list[str]:
     ks = sorted({k for s in summaries for k in s.pass_at_k}) if graded else []
-    head = ["method", "T", "beta", "init", "problems"] + [f"pass@{k}" for k in ks] + [
+    head = ["method", "T", "beta", "init", "units"] + [f"pass@{k}" for k in ks] + [
         "Vendi ↑", "mean cos ↓", "distinct-2 ↑", "ppl ↓ (geo)", "ppl median", "tokens/sample", "tok/s",
         "Distiller rel. err step 1 → last", "realised beta / KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         err = (f"{s.relative_error_first:.3f} → {s.relative_error_last:.3f}"
                if math.isfinite(s.relative_error_first) else "-")
-        row = [f"`{s.name}`", _fmt(s.temperature, 2), _fmt(s.beta, 2), s.init or "-", str(s.problems)]
+        budget = s.esamp.get("kl_budget") if s.beta is not None else None
+        beta = f"KL {budget:g}" if budget is not None else _fmt(s.beta, 2)  # a budget decides beta per row
+        row = [f"`{s.name}`", _fmt(s.temperature, 2), beta, s.init or "-", str(s.problems)]
         row += [_fmt(s.pass_at_k.get(k)) for k in ks]
         row += [f"{_fmt(s.vendi)} ± {_fmt(s.vendi_se)}", _fmt(s.mean_cosine), _fmt(s.distinct_2),
                 _fmt(s.perplexity, 2), _fmt(s.perplexity_median, 2), _fmt(s.tokens_per_sample, 1),
@@ -112,7 +114,7 @@ def _twin_section(summaries: list[MethodSummary], reference: str) -> list[str]:
              f"twin. Curve residual: Vendi minus `{reference}`'s curve at the method's own perplexity, so a twin "
              "that only trades perplexity for diversity along the curve gains nothing there.", ""]
     if frozen:
-        lines += ["### Against the frozen twin", ""] + _twin_table(frozen, "frozen twin") + [""]
+        lines += ["### Frozen twin (what learning adds)", ""] + _twin_table(frozen, "frozen twin") + [""]
     if random:
         lines += ["### Against random init at the same settings", ""] + _twin_table(random, "random-init twin") + [""]
     return lines
