@@ -136,8 +136,6 @@ def decode_settings_for(cfg: DictConfig, method: Method, hidden_size: int | None
     return settings_lib.with_hidden_size(decode, hidden_size) if hidden_size else decode
 
 
-
-
 def _scoring_settings(cfg: DictConfig) -> dict:
     """Scoring choices that change a record's metrics, listed only when not the default (older keys stay valid)."""
     extra = {}
