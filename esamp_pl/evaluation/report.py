@@ -15,7 +15,8 @@ from typing import Any
 
 from esamp_pl.evaluation.plots import plot_all
 from esamp_pl.evaluation.results import RESULTS_FILE, current_records
-from esamp_pl.evaluation.stats import MethodSummary, frontier_comparison, pass_at_k_against, summarize
+from esamp_pl.evaluation.stats import (MethodSummary, PairedDelta, TwinRow, frontier_comparison, pass_at_k_against,
+                                       summarize, twin_comparison)
 
 __all__ = ["write_report"]
 
@@ -30,18 +31,21 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def _table(summaries: list[MethodSummary], graded: bool) -> list[str]:
     ks = sorted({k for s in summaries for k in s.pass_at_k}) if graded else []
-    head = ["method", "T", "beta", "init", "problems"] + [f"pass@{k}" for k in ks] + [
+    head = ["method", "T", "beta", "init", "units"] + [f"pass@{k}" for k in ks] + [
         "Vendi ↑", "mean cos ↓", "distinct-2 ↑", "ppl ↓ (geo)", "ppl median", "tokens/sample", "tok/s",
-        "Distiller rel. err step 1 → last"]
+        "Distiller rel. err step 1 → last", "realised beta / KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         err = (f"{s.relative_error_first:.3f} → {s.relative_error_last:.3f}"
                if math.isfinite(s.relative_error_first) else "-")
-        row = [f"`{s.name}`", _fmt(s.temperature, 2), _fmt(s.beta, 2), s.init or "-", str(s.problems)]
+        budget = s.esamp.get("kl_budget") if s.beta is not None else None
+        beta = f"KL {budget:g}" if budget is not None else _fmt(s.beta, 2)  # a budget decides beta per row
+        row = [f"`{s.name}`", _fmt(s.temperature, 2), beta, s.init or "-", str(s.problems)]
         row += [_fmt(s.pass_at_k.get(k)) for k in ks]
         row += [f"{_fmt(s.vendi)} ± {_fmt(s.vendi_se)}", _fmt(s.mean_cosine), _fmt(s.distinct_2),
                 _fmt(s.perplexity, 2), _fmt(s.perplexity_median, 2), _fmt(s.tokens_per_sample, 1),
-                _fmt(s.tokens_per_second, 1), err]
+                _fmt(s.tokens_per_second, 1), err,
+                f"{_fmt(s.realised_beta)} / {_fmt(s.realised_kl, 4)}" if math.isfinite(s.realised_beta) else "-"]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -82,6 +86,40 @@ def _pass_at_k_comparison(summaries: list[MethodSummary], reference: str, n: int
     return lines
 
 
+def _delta(d: PairedDelta | None) -> str:
+    if d is None or not math.isfinite(d.mean):
+        return "-"
+    return f"{d.mean:+.3f} ± {_fmt(d.se)} ({d.wins} / {d.losses})"
+
+
+def _twin_table(rows: list[TwinRow], what: str) -> list[str]:
+    lines = [f"| method | {what} | Δ Vendi (wins / losses) | Δ log ppl | Δ curve residual (wins / losses) |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        if row.twin is None:
+            lines.append(f"| `{row.name}` | none run | - | - | - |")
+        else:
+            lines.append(f"| `{row.name}` | `{row.twin}` | {_delta(row.vendi)} | {_delta(row.log_perplexity)} "
+                         f"| {_delta(row.residual)} |")
+    return lines
+
+
+def _twin_section(summaries: list[MethodSummary], reference: str) -> list[str]:
+    frozen, random = twin_comparison(summaries, reference)
+    if not frozen and not random:
+        return ["No ESamp method that learns or uses a non-random init was run."]
+    lines = ["Each method minus its twin, unit by unit (same problems, same seeds): the frozen twin has the same "
+             "settings with `esamp.learn=false`, so what is left is what learning adds; twins are found by their "
+             "settings. ± is the paired standard error over units; wins / losses count units above / below the "
+             f"twin. Curve residual: Vendi minus `{reference}`'s curve at the method's own perplexity, so a twin "
+             "that only trades perplexity for diversity along the curve gains nothing there.", ""]
+    if frozen:
+        lines += ["### Frozen twin (what learning adds)", ""] + _twin_table(frozen, "frozen twin") + [""]
+    if random:
+        lines += ["### Against random init at the same settings", ""] + _twin_table(random, "random-init twin") + [""]
+    return lines
+
+
 def write_report(out_dir: str | Path) -> Path:
     """Write report.md and the PNG plots into ``out_dir``; returns the report's path."""
     out_dir = Path(out_dir)
@@ -96,11 +134,15 @@ def write_report(out_dir: str | Path) -> Path:
     else:
         scorer = cfg.get("scorer") or f"{info['model']} (the generating model, exact token ids)"
     lines = [f"# Evaluation: {info['task']} on {info['model']}", "",
-             f"- task `{info['task']}`, problems: {len(common)} common to all methods (of {len(info['problems'])} "
-             f"selected; eval.limit={cfg.get('eval', {}).get('limit')}"
+             f"- task `{info['task']}`, "
+             + (f"units (problem x seed, seeds {info['seeds']}): {len(common)} common to all methods (of "
+                f"{len(info.get('units') or [])}; " if info.get("seeds") else
+                f"problems: {len(common)} common to all methods (of ")
+             + f"{len(info['problems'])} problems selected; eval.limit={cfg.get('eval', {}).get('limit')}"
              + (f"; the user's prompts from `{cfg['eval']['prompts']}`)" if cfg.get("eval", {}).get("prompts")
                 else ")"),
-             f"- model `{info['model']}`, n = {info['n']} samples per problem, seed = {info['seed']} (batch b uses "
+             f"- model `{info['model']}`, n = {info['n']} samples per problem, seed = "
+             f"{', '.join(map(str, info['seeds'])) if info.get('seeds') else info['seed']} (batch b uses "
              f"seed + b, the same for every method), max_new_tokens = {info['max_new_tokens']}",
              f"- k = {', '.join(map(str, ks))} (unbiased pass@k)" if ks
              else "- no grader: diversity and perplexity only",
@@ -116,6 +158,7 @@ def write_report(out_dir: str | Path) -> Path:
         lines += [f"## pass@k against `{reference}`", ""] + _pass_at_k_comparison(summaries, reference, info["n"])
         lines.append("")
     lines += ["## Fair comparison: diversity vs perplexity", ""] + _fair_comparison(summaries, reference) + [""]
+    lines += ["## Against the frozen twin", ""] + _twin_section(summaries, reference)
     skipped = info.get("skipped") or {}
     missing = [m["name"] for m in info["methods"] if m["name"] not in {s.name for s in summaries}
                and m["name"] not in skipped]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["RESULTS_FILE", "RUN_INFO_FILE", "BadLine", "Results", "append_records", "current_records",
-           "read_records", "read_results", "record_problem"]
+           "read_records", "read_results", "record_problem", "record_unit"]
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
@@ -62,6 +62,8 @@ def record_problem(record: Any) -> str | None:
     if kind == "problem":
         if not isinstance(record.get("problem_id"), str):
             return "problem record without a string 'problem_id'"
+        if record.get("unit") is not None and not isinstance(record["unit"], str):
+            return "problem record whose 'unit' is not a string"
         diversity = record.get("diversity")
         if not isinstance(diversity, dict) or not all(_is_optional_number(v) for v in diversity.values()):
             return "problem record without a 'diversity' object of numbers"
@@ -84,6 +86,11 @@ def record_problem(record: Any) -> str | None:
     if not _is_optional_number(record.get("distiller_updates")):
         return "batch record whose 'distiller_updates' is not a number"
     return None
+
+
+def record_unit(record: dict) -> str:
+    """The paired unit of a problem record: ``<problem id>@seed<s>`` with ``eval.seeds``, else the problem id."""
+    return record.get("unit") or record["problem_id"]
 
 
 def read_results(path: Path) -> Results:
@@ -137,6 +144,7 @@ def current_records(out_dir: Path) -> tuple[dict, list[dict], list[dict], list[B
     """Run info, the current problem records (the last per method and problem), batch records, skipped lines.
 
     Current = written with the key ``run_info.json`` gives the method now; others are another run's.
+    Problem records are kept per (method, unit), batch records per (method, base seed, batch).
     """
     info = json.loads((out_dir / RUN_INFO_FILE).read_text())
     keys = {m["name"]: m["key"] for m in info["methods"]}
@@ -147,8 +155,8 @@ def current_records(out_dir: Path) -> tuple[dict, list[dict], list[dict], list[B
         if keys.get(record["method"]) != record["key"]:
             continue  # another run's settings, or a method no longer listed
         if record["kind"] == "problem":
-            problems[(record["method"], record["problem_id"])] = record
+            problems[(record["method"], record_unit(record))] = record
         else:
-            batches[(record["method"], record["batch_index"])] = record
+            batches[(record["method"], record.get("base_seed"), record["batch_index"])] = record
     return info, list(problems.values()), list(batches.values()), results.bad_lines
 

@@ -9,9 +9,15 @@ Problems go through the :class:`~esamp_pl.engine.DecodeEngine` in fixed batches 
 ``eval.batch_prompts``; batch ``b`` of every method uses seed ``seed + b``. After a batch the
 samples are graded (graded tasks), scored for diversity (sentence embeddings, per problem) and
 perplexity (under the scorer model), and one JSON line per problem is appended to
-``<output_dir>/results.jsonl``, then one line with the batch's Distiller loss curve. A rerun skips
-every (method, problem) already written with the same settings, and a partly written batch is
-decoded again whole (same seed, same rows), so resumed results equal uninterrupted ones.
+``<output_dir>/results.jsonl``, then one line with the batch's Distiller loss curve (and, with
+``esamp.kl_budget``, the realised beta and KL). A rerun skips every (method, problem) already
+written with the same settings, and a partly written batch is decoded again whole (same seed, same
+rows), so resumed results equal uninterrupted ones.
+
+``eval.seeds`` (a list) repeats the whole run once per seed ``s`` (batch ``b`` then uses ``s + b``):
+every (problem, seed) is one *unit* (its records carry ``"unit": "<problem id>@seed<s>"``), and the
+report pairs methods unit by unit. ``eval.seeds: null`` is the single-seed run of ``seed``, whose
+records and resume keys are those of earlier versions.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from esamp_pl import settings as settings_lib
 from esamp_pl.engine import DecodeSettings, SampleResult
 from esamp_pl.static_engine import check_engine
 from esamp_pl.evaluation.report import write_report
-from esamp_pl.evaluation.results import RESULTS_FILE, RUN_INFO_FILE, append_records, read_records
+from esamp_pl.evaluation.stats import SAMPLE_NEUTRAL_ESAMP_KEYS
+from esamp_pl.evaluation.results import RESULTS_FILE, RUN_INFO_FILE, append_records, read_records, record_unit
 from esamp_pl.evaluation.execution import SANDBOXES, check_sandbox
 from esamp_pl.evaluation.metrics import Embedder, diversity_metrics, perplexities_from_ids
 from esamp_pl.evaluation.tasks import Problem, grade_many, is_graded, load_task
@@ -42,8 +49,8 @@ from esamp_pl.sites import SitePair
 
 log = logging.getLogger(__name__)
 
-SWEEP_LABELS = {"sampling.temperature": "T", "esamp.beta": "beta", "sampling.min_p": "min_p",
-                "sampling.top_p": "top_p"}
+SWEEP_LABELS = {"sampling.temperature": "T", "esamp.beta": "beta", "esamp.kl_budget": "kl",
+                "sampling.min_p": "min_p", "sampling.top_p": "top_p"}
 _CONF_DIR = resources.CONF_DIR
 
 
@@ -129,10 +136,6 @@ def decode_settings_for(cfg: DictConfig, method: Method, hidden_size: int | None
     return settings_lib.with_hidden_size(decode, hidden_size) if hidden_size else decode
 
 
-# esamp keys that change how fast the samples come, not which: left out of the resume key.
-SAMPLE_NEUTRAL_ESAMP_KEYS = ("update_mode",)
-
-
 def _scoring_settings(cfg: DictConfig) -> dict:
     """Scoring choices that change a record's metrics, listed only when not the default (older keys stay valid)."""
     extra = {}
@@ -146,8 +149,10 @@ def _scoring_settings(cfg: DictConfig) -> dict:
 def method_key(cfg: DictConfig, method: Method) -> str:
     """Hash of everything that decides a method's samples; records with another key are stale."""
     esamp = {k: v for k, v in method.esamp.items() if k not in SAMPLE_NEUTRAL_ESAMP_KEYS}
+    # With eval.seeds each record names its seed in its unit, so adding a seed keeps the others' records.
+    seed = cfg.seed if run_seeds(cfg) is None else "per-unit"
     blob = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "task": cfg.eval.task,
-                       "n": cfg.n, "seed": cfg.seed, "max_new_tokens": cfg.eval.max_new_tokens,
+                       "n": cfg.n, "seed": seed, "max_new_tokens": cfg.eval.max_new_tokens,
                        "batch_prompts": cfg.eval.batch_prompts, "sampling": method.sampling,
                        "esamp": esamp if method.uses_esamp else {"enabled": False},
                        "distiller": OmegaConf.to_container(cfg.distiller, resolve=True) if method.uses_esamp
@@ -159,8 +164,8 @@ def method_key(cfg: DictConfig, method: Method) -> str:
 
 
 def finished_problems(records: list[dict]) -> set[tuple[str, str, str]]:
-    """(method, key, problem id) of every problem record already written."""
-    return {(r["method"], r["key"], r["problem_id"]) for r in records if r.get("kind") == "problem"}
+    """(method, key, unit) of every problem record already written."""
+    return {(r["method"], r["key"], record_unit(r)) for r in records if r.get("kind") == "problem"}
 
 
 # ----------------------------------------------------------------------------- scorer
@@ -203,6 +208,23 @@ def scorer_spec(name: str) -> ModelSpec:
 # ----------------------------------------------------------------------------- the run
 
 
+def run_seeds(cfg: DictConfig) -> list[int] | None:
+    """``eval.seeds`` validated (distinct integers), or None for the single-seed run of ``seed``."""
+    seeds = cfg.eval.get("seeds")
+    if seeds is None:
+        return None
+    seeds = list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ValueError(f"eval.seeds must be null or a non-empty list of distinct integers (e.g. [0, 1, 2]), "
+                         f"but is {seeds!r}")
+    return seeds
+
+
+def unit_id(problem_id: str, seed: int, seeds: list[int] | None) -> str:
+    """The paired unit of a problem decoded with base seed ``seed``: the problem id itself in a single-seed run."""
+    return problem_id if seeds is None else f"{problem_id}@seed{seed}"
+
+
 def _batches(problems: list[Problem], size: int) -> list[list[Problem]]:
     return [problems[i:i + size] for i in range(0, len(problems), size)]
 
@@ -218,6 +240,7 @@ def _check_config(cfg: DictConfig) -> None:
         raise ValueError(f"eval.limit must be a positive integer or null, but is {cfg.eval.limit}")
     if not cfg.eval.methods:
         raise ValueError("eval.methods is empty: name at least one method")
+    run_seeds(cfg)
     settings_lib.check_threads(cfg.get("threads"))
     check_engine(cfg.get("engine", "eager"))
     sandbox = cfg.get("sandbox", "bwrap")
@@ -242,15 +265,19 @@ def run_evaluation(cfg: DictConfig) -> Path:
     results_path = out_dir / RESULTS_FILE
     done = finished_problems(read_records(results_path))
 
+    seeds = run_seeds(cfg)
+    units = [(seed, p) for seed in (seeds or [cfg.seed]) for p in problems]
     keys = {m.name: method_key(cfg, m) for m in methods}
-    todo = {m.name: [p for p in problems if (m.name, keys[m.name], p.id) not in done] for m in methods}
+    todo = {m.name: {(seed, p.id) for seed, p in units if (m.name, keys[m.name], unit_id(p.id, seed, seeds)) not in done}
+            for m in methods}
     info: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True), "task": cfg.eval.task,
-                            "model": model_spec.name, "n": cfg.n, "seed": cfg.seed,
+                            "model": model_spec.name, "n": cfg.n, "seed": cfg.seed, "seeds": seeds,
                             "max_new_tokens": cfg.eval.max_new_tokens, "problems": [p.id for p in problems],
+                            "units": [unit_id(p.id, seed, seeds) for seed, p in units],
                             "methods": [{**asdict(m), "key": keys[m.name]} for m in methods], "skipped": {}}
     _write_info(out_dir, info)  # first, so that a report can be drawn from an interrupted run
     if cfg.get("generate", True) and any(todo.values()):
-        _generate_all(cfg, model_spec, methods, keys, todo, problems, results_path, info)
+        _generate_all(cfg, model_spec, methods, keys, todo, problems, seeds, results_path, info)
     else:
         info["skipped"] = {m.name: reason for m in methods if todo[m.name] and (reason := _unavailable(m, model_spec))}
     _write_info(out_dir, info)
@@ -276,7 +303,7 @@ def _unavailable(method: Method, model_spec: ModelSpec) -> str | None:
     return None
 
 
-def _generate_all(cfg, model_spec: ModelSpec, methods, keys, todo, problems, results_path, info) -> None:
+def _generate_all(cfg, model_spec: ModelSpec, methods, keys, todo, problems, seeds, results_path, info) -> None:
     from esamp_pl.checkpoint import CheckpointError
     from esamp_pl.decoding import build_engine, initial_distiller_state
 
@@ -310,36 +337,40 @@ def _generate_all(cfg, model_spec: ModelSpec, methods, keys, todo, problems, res
             continue
         runnable.append((method, decode, initial))
 
-    # Batches outside, methods inside: after an interruption every method has the same problems done,
-    # so a partial run is still a like-for-like comparison.
+    # Seeds, then batches outside, methods inside: after an interruption every method has the same
+    # units done, so a partial run is still a like-for-like comparison.
     total = sum(len(todo[m.name]) for m, _, _ in runnable)
-    bar = tqdm(total=total, desc=f"{cfg.eval.task}: problems x methods", unit="problem",
+    bar = tqdm(total=total, desc=f"{cfg.eval.task}: units x methods", unit="problem",
                disable=not cfg.progress)
     try:
-        for b, batch in enumerate(batches):
-            for method, decode, initial in runnable:
-                missing = {p.id for p in todo[method.name]} & {p.id for p in batch}
-                if not missing:
-                    continue
-                bar.set_postfix_str(f"batch {b + 1}/{len(batches)} {method.name}")
-                records = _run_batch(cfg, engine, loaded, scorer, embedder, method, keys[method.name], decode,
-                                     initial, batch, b, index, missing)
-                append_records(results_path, records)
-                bar.update(len(missing))
+        for seed in seeds or [cfg.seed]:
+            for b, batch in enumerate(batches):
+                for method, decode, initial in runnable:
+                    missing = {p.id for p in batch if (seed, p.id) in todo[method.name]}
+                    if not missing:
+                        continue
+                    bar.set_postfix_str(f"seed {seed} batch {b + 1}/{len(batches)} {method.name}")
+                    records = _run_batch(cfg, engine, loaded, scorer, embedder, method, keys[method.name], decode,
+                                         initial, batch, b, index, missing, seed, seeds)
+                    append_records(results_path, records)
+                    bar.update(len(missing))
     finally:
         bar.close()
 
 
 def _run_batch(cfg, engine, loaded, scorer, embedder, method: Method, key: str, decode: DecodeSettings,
-               initial, batch: list[Problem], batch_index: int, index: dict, missing: set) -> list[dict]:
-    """Decode one batch of problems, then grade and score it; the JSON lines to append."""
+               initial, batch: list[Problem], batch_index: int, index: dict, missing: set, base_seed: int,
+               seeds: list[int] | None) -> list[dict]:
+    """Decode one batch of problems with seed ``base_seed + batch_index``, grade and score it; the JSON lines."""
     tokenizer = loaded.tokenizer
     prompt_ids = encode_prompts(tokenizer, [p.prompt for p in batch], chat_template=loaded.spec.chat_template,
                                 max_context=loaded.max_context, max_new_tokens=decode.max_new_tokens)
-    settings = replace(decode, seed=cfg.seed + batch_index)
+    settings = replace(decode, seed=base_seed + batch_index)
     result = engine.generate(prompt_ids, settings, initial_state=initial)
     common = {"method": method.name, "family": method.family, "key": key, "task": cfg.eval.task,
               "model": loaded.spec.name, "n": cfg.n, "seed": settings.seed, "max_new_tokens": decode.max_new_tokens}
+    if seeds is not None:
+        common["base_seed"] = base_seed
     records: list[dict] = []
     for done in sorted(result.prompts, key=lambda r: r.prompt_index):
         problem = batch[done.prompt_index]
@@ -356,7 +387,9 @@ def _run_batch(cfg, engine, loaded, scorer, embedder, method: Method, key: str, 
         samples = [{"text": text, "num_tokens": len(t), "finish_reason": s.finish_reason,
                     "perplexity": _finite_or_none(p), "correct": None if correct is None else bool(correct[j])}
                    for j, (text, t, s, p) in enumerate(zip(texts, ids, done.samples, ppl))]
-        records.append({"kind": "problem", **common, "problem_id": problem.id, "problem_index": index[problem.id],
+        unit = {} if seeds is None else {"unit": unit_id(problem.id, base_seed, seeds)}
+        records.append({"kind": "problem", **common, **unit, "problem_id": problem.id,
+                        "problem_index": index[problem.id],
                         "num_correct": None if correct is None else int(sum(correct)),
                         "diversity": diversity, "scorer": scorer.name if scorer else None, "samples": samples})
     stats = result.adapter_stats
@@ -366,9 +399,10 @@ def _run_batch(cfg, engine, loaded, scorer, embedder, method: Method, key: str, 
                     "distiller_updates": stats.updates if stats else None,
                     "skipped_updates": stats.skipped_nonfinite if stats else None,
                     "loss_per_step": stats.loss_per_step if stats else None,
-                    "relative_error_per_step": stats.relative_error_per_step if stats else None})
+                    "relative_error_per_step": stats.relative_error_per_step if stats else None,
+                    "kl_budget": result.kl_budget.as_dict() if result.kl_budget is not None else None})
     return records
 
 
 __all__ = ["Method", "build_methods", "decode_settings_for", "method_key", "read_records", "run_evaluation",
-           "RESULTS_FILE", "RUN_INFO_FILE"]
+           "record_unit", "run_seeds", "unit_id", "RESULTS_FILE", "RUN_INFO_FILE"]

@@ -9,6 +9,11 @@ The fair comparison: ESamp's ``(1 + beta)`` factor sharpens the distribution, wh
 lowers both perplexity and diversity. Each method family therefore draws a curve (a temperature
 sweep for a baseline, a beta sweep for ESamp), and a point only counts as better when it lies above
 the reference baseline's curve at the same perplexity (interpolated in log perplexity).
+
+The effect that counts is the one a frozen Distiller does not have: every ESamp method that learns
+is compared with its *frozen twin* (the method run with the same settings but ``esamp.learn=false``),
+and every non-random init with random init at the same settings, unit by unit (a unit is a problem,
+or a (problem, seed) with ``eval.seeds``). Twins are found by their settings, never by their names.
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from esamp_pl.evaluation.metrics import pass_at_k, pass_at_k_curve
+from esamp_pl.evaluation.results import record_unit
 
-__all__ = ["FrontierRow", "MethodSummary", "PassAtKRow", "compare_to_curve", "frontier_comparison",
-           "paired_difference_se", "paired_pass_at_k", "pass_at_k_against", "standard_error", "summarize",
-           "wins_losses"]
+__all__ = ["FrontierRow", "MethodSummary", "PairedDelta", "PassAtKRow", "SAMPLE_NEUTRAL_ESAMP_KEYS", "TwinRow",
+           "compare_to_curve", "curve_residuals", "frontier_comparison", "frozen_twin", "paired_delta",
+           "paired_difference_se", "paired_pass_at_k", "pass_at_k_against", "random_twin", "standard_error",
+           "summarize", "twin_comparison", "wins_losses"]
+
+# esamp keys that change how fast the samples come, not which: left out of resume keys and twin matching.
+SAMPLE_NEUTRAL_ESAMP_KEYS = ("update_mode",)
 
 
 @dataclass
@@ -58,6 +68,16 @@ class MethodSummary:
     relative_error_last: float = math.nan
     relative_error_curve: list[float] = field(default_factory=list)
     "mean relative error per decode step over batches (steps all batches reached)"
+    log_perplexity_per_problem: list[float] = field(default_factory=list)
+    "mean log perplexity of each common unit's samples, in unit order (nan without perplexities)"
+    realised_beta: float = math.nan
+    "with esamp.kl_budget: mean realised beta over the counted row-steps of all batches"
+    realised_kl: float = math.nan
+    "with esamp.kl_budget: mean realised KL(pi_new || pi_ref) per row-step, nats"
+    sampling: dict = field(default_factory=dict)
+    "the method's full sampling settings (from run_info.json)"
+    esamp: dict = field(default_factory=dict)
+    "the method's full esamp settings (from run_info.json)"
 
 
 def standard_error(values) -> float:
@@ -73,13 +93,17 @@ def _nanmean(values) -> float:
 
 def summarize(info: dict, problem_records: list[dict],
               batch_records: list[dict]) -> tuple[list[MethodSummary], list[str]]:
-    """One summary per method that has results, over the problems every such method finished."""
+    """One summary per method that has results, over the units every such method finished.
+
+    A unit is a problem, or a (problem, seed) in a run with ``eval.seeds``; the second value returned
+    lists the common units in run order.
+    """
     by_method: dict[str, dict[str, dict]] = {}
     for r in problem_records:
-        by_method.setdefault(r["method"], {})[r["problem_id"]] = r
+        by_method.setdefault(r["method"], {})[record_unit(r)] = r
     methods = [m for m in info["methods"] if m["name"] in by_method]
     common = set.intersection(*(set(by_method[m["name"]]) for m in methods)) if methods else set()
-    order = {pid: i for i, pid in enumerate(info.get("problems", []))}
+    order = {pid: i for i, pid in enumerate(info.get("units") or info.get("problems", []))}
     common_ids = sorted(common, key=lambda pid: order.get(pid, 0))
     n = info["n"]
     summaries = []
@@ -89,7 +113,7 @@ def summarize(info: dict, problem_records: list[dict],
         esamp_on = m["esamp"].get("enabled", True)
         s = MethodSummary(name=m["name"], family=m["family"], temperature=float(m["sampling"]["temperature"]),
                           beta=float(m["esamp"].get("beta", 0.25)) if esamp_on else None, init=_init(m),
-                          problems=len(records))
+                          problems=len(records), sampling=dict(m["sampling"]), esamp=dict(m["esamp"]))
         if records and records[0].get("num_correct") is not None:
             s.num_correct_per_problem = [int(r["num_correct"]) for r in records]
             s.pass_at_k = pass_at_k_curve(s.num_correct_per_problem, n)
@@ -104,10 +128,17 @@ def summarize(info: dict, problem_records: list[dict],
         if ppl:
             s.perplexity = float(np.exp(np.mean(np.log(ppl))))
             s.perplexity_median = float(np.median(ppl))
+        s.log_perplexity_per_problem = [_nanmean(math.log(x["perplexity"]) for x in r["samples"]
+                                                 if x.get("perplexity")) for r in records]
         s.tokens_per_sample = _nanmean(x["num_tokens"] for x in samples)
         batches = [b for b in batch_records if b["method"] == m["name"]]
         seconds = sum(b["decode_seconds"] for b in batches)
         s.tokens_per_second = sum(b["tokens_generated"] for b in batches) / seconds if seconds > 0 else math.nan
+        budgets = [b["kl_budget"] for b in batches if b.get("kl_budget") and b["kl_budget"].get("row_steps")]
+        if budgets:
+            steps = sum(b["row_steps"] for b in budgets)
+            s.realised_beta = sum(b["beta_mean"] * b["row_steps"] for b in budgets if b.get("beta_mean") is not None) / steps
+            s.realised_kl = sum(b["kl_mean"] * b["row_steps"] for b in budgets if b.get("kl_mean") is not None) / steps
         curves = [b["relative_error_per_step"] for b in batches if b.get("relative_error_per_step")]
         if curves:
             s.distiller_updates = int(sum(b.get("distiller_updates") or 0 for b in batches))
@@ -152,18 +183,17 @@ def compare_to_curve(point: tuple[float, float], curve: list[tuple[float, float]
     return "outside", delta
 
 
-def paired_difference_se(values: list[float], curve: list[tuple[float, list[float]]], ppl: float) -> float:
-    """Standard error of the per-problem difference between a method and a curve at perplexity ``ppl``.
+def curve_residuals(values: list[float], curve: list[tuple[float, list[float]]], ppl: float) -> np.ndarray:
+    """Per-problem difference between a method's values and a curve at perplexity ``ppl`` (nan: no curve).
 
     ``curve`` holds (perplexity, per-problem values) of the baseline's points. The curve is
     interpolated per problem with the same weights as the aggregate (linear in log perplexity, the
-    nearest end outside the range), so the mean difference equals the aggregate one while problem
-    difficulty, shared by the methods on the same prompts, cancels out of the error.
+    nearest end outside the range), so the mean residual equals the aggregate difference.
     """
     pts = sorted(((math.log(p), np.asarray(v, dtype=float)) for p, v in curve if math.isfinite(p) and p > 0),
                  key=lambda point: point[0])  # equal perplexities must not compare the arrays
-    if not pts or not (math.isfinite(ppl) and ppl > 0) or len(values) < 2:
-        return math.nan
+    if not pts or not (math.isfinite(ppl) and ppl > 0):
+        return np.full(len(values), math.nan)
     x = math.log(ppl)
     xs = [p[0] for p in pts]
     if x <= xs[0]:
@@ -174,9 +204,16 @@ def paired_difference_se(values: list[float], curve: list[tuple[float, list[floa
         j = max(i for i in range(len(xs) - 1) if xs[i] <= x)
         w = (x - xs[j]) / (xs[j + 1] - xs[j]) if xs[j + 1] > xs[j] else 0.0
         at = (1 - w) * pts[j][1] + w * pts[j + 1][1]
-    diffs = np.asarray(values, dtype=float) - at
-    diffs = diffs[np.isfinite(diffs)]
-    return standard_error(diffs)
+    return np.asarray(values, dtype=float) - at
+
+
+def paired_difference_se(values: list[float], curve: list[tuple[float, list[float]]], ppl: float) -> float:
+    """Standard error of the per-problem :func:`curve_residuals`: problem difficulty, shared by the
+    methods on the same prompts, cancels out of the error."""
+    if len(values) < 2:
+        return math.nan
+    diffs = curve_residuals(values, curve, ppl)
+    return standard_error(diffs[np.isfinite(diffs)])
 
 
 def paired_pass_at_k(method: list[int], reference: list[int], n: int, k: int) -> tuple[float, float]:
@@ -192,8 +229,6 @@ def paired_pass_at_k(method: list[int], reference: list[int], n: int, k: int) ->
         return math.nan, math.nan
     se = standard_error(diffs)
     return float(diffs.mean()), se
-
-
 
 
 def wins_losses(method: list[int], reference: list[int]) -> tuple[int, int]:
@@ -266,3 +301,87 @@ def frontier_comparison(summaries: list[MethodSummary],
                                 s.vendi - delta if delta is not None else None,
                                 paired_difference_se(s.vendi_per_problem, per_problem, s.perplexity)))
     return curve_methods, rows
+
+
+# ----------------------------------------------------------------------------- twins
+
+
+def _learns(s: MethodSummary) -> bool:
+    return s.init is not None and bool(s.esamp.get("learn", True))
+
+
+def _settings(s: MethodSummary, *, drop: tuple[str, ...]) -> tuple[str, str]:
+    """A method's sampling and esamp settings as comparable text, without the ``drop`` keys."""
+    esamp = {k: v for k, v in s.esamp.items() if k not in SAMPLE_NEUTRAL_ESAMP_KEYS + drop}
+    return repr(sorted(s.sampling.items())), repr(sorted(esamp.items()))
+
+
+def frozen_twin(method: MethodSummary, summaries: list[MethodSummary]) -> MethodSummary | None:
+    """The method with the same settings except ``esamp.learn=false`` (None when not run)."""
+    target = _settings(method, drop=("learn",))
+    return next((s for s in summaries if s.init is not None and not _learns(s)
+                 and _settings(s, drop=("learn",)) == target), None)
+
+
+_INIT_KEYS = ("init", "warm_start", "warm_start_path")
+
+
+def random_twin(method: MethodSummary, summaries: list[MethodSummary]) -> MethodSummary | None:
+    """The method with the same settings but a random Distiller init (None when not run)."""
+    target = _settings(method, drop=_INIT_KEYS)
+    return next((s for s in summaries if s.init == "random" and _settings(s, drop=_INIT_KEYS) == target), None)
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """Mean over units of a per-unit difference, its paired standard error, and units won / lost."""
+
+    mean: float
+    se: float
+    wins: int
+    losses: int
+
+
+def paired_delta(a, b) -> PairedDelta:
+    """``a - b`` unit by unit (same units, same order), over the units where both are finite."""
+    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    diffs = diffs[np.isfinite(diffs)]
+    if len(diffs) == 0:
+        return PairedDelta(math.nan, math.nan, 0, 0)
+    return PairedDelta(float(diffs.mean()), standard_error(diffs), int((diffs > 0).sum()), int((diffs < 0).sum()))
+
+
+@dataclass(frozen=True)
+class TwinRow:
+    """One method against its twin (frozen, or random init), unit by unit; None fields without a twin."""
+
+    name: str
+    twin: str | None
+    vendi: PairedDelta | None = None
+    "Vendi(method) - Vendi(twin)"
+    log_perplexity: PairedDelta | None = None
+    "mean log perplexity(method) - (twin), per unit"
+    residual: PairedDelta | None = None
+    "(Vendi - reference curve at the method's perplexity) minus the same for the twin; None without a curve"
+
+
+def _twin_row(s: MethodSummary, twin: MethodSummary | None, curve) -> TwinRow:
+    if twin is None:
+        return TwinRow(s.name, None)
+    residual = None
+    if curve is not None:
+        residual = paired_delta(curve_residuals(s.vendi_per_problem, curve, s.perplexity),
+                                curve_residuals(twin.vendi_per_problem, curve, twin.perplexity))
+    return TwinRow(s.name, twin.name, paired_delta(s.vendi_per_problem, twin.vendi_per_problem),
+                   paired_delta(s.log_perplexity_per_problem, twin.log_perplexity_per_problem), residual)
+
+
+def twin_comparison(summaries: list[MethodSummary], reference: str) -> tuple[list[TwinRow], list[TwinRow]]:
+    """Rows against the frozen twin (every ESamp method that learns) and against random init (every
+    ESamp method whose init is not random); the residual uses ``reference``'s curve when it has two points."""
+    curve_methods = [s for s in summaries if s.family == reference]
+    curve = [(c.perplexity, c.vendi_per_problem) for c in curve_methods] if len(curve_methods) >= 2 else None
+    frozen = [_twin_row(s, frozen_twin(s, summaries), curve) for s in summaries if _learns(s)]
+    random = [_twin_row(s, random_twin(s, summaries), curve) for s in summaries
+              if s.init is not None and s.init != "random"]
+    return frozen, random

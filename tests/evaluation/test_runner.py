@@ -189,3 +189,47 @@ def test_humaneval_without_bubblewrap_fails_before_loading(tmp_path, monkeypatch
     finally:
         execution._probe_bwrap.cache_clear()
     assert not (tmp_path / "out").exists()
+
+
+def test_seeds_pool_problem_seed_units_with_kl_budget_sweeps_and_resume(tiny_model_dir, tmp_path):
+    methods = ["eval.methods=[min_p0.1,esamp_random,esamp_frozen]",
+               "eval.sweeps=[{method: esamp_random, key: esamp.kl_budget, values: [0.1]},"
+               "{method: esamp_frozen, key: esamp.kl_budget, values: [0.1]}]"]
+    single = run_evaluation(config(tiny_model_dir, tmp_path / "single", *methods, "report=false"))
+    out = run_evaluation(config(tiny_model_dir, tmp_path / "pooled", *methods, "eval.seeds=[0]", "report=false"))
+    results = out / "results.jsonl"
+    first = results.read_text().splitlines()
+    # seeds=[0] decodes what the single-seed run of seed 0 decodes (batch b still uses seed + b)
+    texts = lambda path: {(r["method"], r["problem_id"]): [s["text"] for s in r["samples"]] for r in problems(path)}
+    assert texts(results) == texts(single / "results.jsonl")
+
+    cfg = config(tiny_model_dir, tmp_path / "pooled", *methods, "eval.seeds=[0,1]")
+    assert "esamp_random@kl0.1" in [m.name for m in build_methods(cfg)]
+    run_evaluation(cfg)
+    assert results.read_text().splitlines()[:len(first)] == first  # seed 0 kept, only seed 1 decoded
+    records = problems(results)
+    pids = ("creative/lighthouse-keeper", "creative/last-library-card")
+    assert sorted((r["method"], r["unit"]) for r in records) == sorted(
+        (m, f"{p}@seed{s}") for m in ("min_p0.1", "esamp_random", "esamp_frozen", "esamp_random@kl0.1",
+                                      "esamp_frozen@kl0.1") for p in pids for s in (0, 1))
+    assert {(r["unit"], r["seed"]) for r in records} == {(f"{p}@seed{s}", s + b) for b, p in enumerate(pids)
+                                                         for s in (0, 1)}
+    batches = [r for r in read_records(results) if r["kind"] == "batch"]
+    budgets = [b["kl_budget"] for b in batches if b["method"].endswith("@kl0.1")]
+    assert len(budgets) == 8 and all(k["budget"] == 0.1 and k["row_steps"] > 0 for k in budgets)
+    assert all(b["kl_budget"] is None for b in batches if not b["method"].endswith("@kl0.1"))
+
+    report = (out / "report.md").read_text()
+    assert "units (problem x seed, seeds [0, 1]): 4 common to all methods (of 4; 2 problems" in report
+    assert "## Against the frozen twin" in report
+    assert "| `esamp_random` | `esamp_frozen` |" in report and "| `esamp_random@kl0.1` | `esamp_frozen@kl0.1` |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| `esamp_random@kl0.1` | 1.00 | KL 0.1 |"))
+    assert row.split(" | ")[-1].strip(" |") != "-"  # realised beta / KL shown
+    assert next(line for line in report.splitlines() if line.startswith("| `min_p0.1` | 1.00 |")).endswith("| - |")
+
+
+@pytest.mark.parametrize("seeds", ["[]", "[0,0]", "[0.5]"])
+def test_bad_seeds_fail_before_loading(tmp_path, seeds):
+    with pytest.raises(ValueError, match="eval.seeds must be null or a non-empty list of distinct integers"):
+        run_evaluation(config(tmp_path / "no-model-here", tmp_path / "out", f"eval.seeds={seeds}"))
+    assert not (tmp_path / "out").exists()

@@ -72,3 +72,56 @@ def test_paired_pass_at_k_against_hand_computed_values():
     assert se2 == pytest.approx(float(np.std(diffs2, ddof=1) / math.sqrt(3)))
     with pytest.raises(ValueError, match="pair the same problems"):
         paired_pass_at_k([1], [1, 2], 4, 1)
+
+
+def _summary(name, esamp, vendis, ppls, family=None):
+    """A MethodSummary as summarize makes it, per unit: Vendi and (one sample's) perplexity."""
+    from esamp_pl.evaluation.stats import MethodSummary
+
+    esamp_on = esamp.get("enabled", True)
+    return MethodSummary(name=name, family=family or name, temperature=1.0, beta=esamp.get("beta") if esamp_on else None,
+                         init=(esamp.get("init", "random") if esamp_on and esamp.get("mode", "esamp") == "esamp"
+                               else None), problems=len(vendis), vendi_per_problem=list(vendis),
+                         vendi=float(np.mean(vendis)), log_perplexity_per_problem=[math.log(p) for p in ppls],
+                         perplexity=float(np.exp(np.mean(np.log(ppls)))), sampling={"temperature": 1.0, "min_p": 0.1},
+                         esamp=esamp)
+
+
+ESAMP = {"enabled": True, "mode": "esamp", "beta": 0.25, "init": "random", "learn": True, "update_mode": "async"}
+
+
+def test_twins_are_found_by_settings_with_paired_errors_by_hand():
+    from esamp_pl.evaluation.stats import twin_comparison
+
+    learner = _summary("a", ESAMP, [3.0, 5.0, 4.0], [10.0, 20.0, 40.0])
+    summaries = [
+        _summary("min_p", {"enabled": False}, [2.0, 4.0, 3.0], [10.0, 10.0, 10.0]),
+        _summary("min_p@T1.3", {"enabled": False}, [3.0, 6.0, 5.0], [40.0, 40.0, 40.0], family="min_p"),
+        learner,
+        # same settings but learn=false (and another update_mode, which does not change the samples): the twin
+        _summary("z", {**ESAMP, "learn": False, "update_mode": "sync"}, [2.5, 5.0, 3.0], [10.0, 20.0, 20.0]),
+        # learn=false at another beta: not a twin, although named like one
+        _summary("a_frozen", {**ESAMP, "learn": False, "beta": 0.5}, [1.0, 1.0, 1.0], [10.0, 10.0, 10.0]),
+        _summary("warm", {**ESAMP, "init": "warm"}, [4.0, 5.0, 6.0], [10.0, 20.0, 40.0]),
+    ]
+    frozen, random = twin_comparison(summaries, "min_p")
+    rows = {r.name: r for r in frozen}
+    assert set(rows) == {"a", "warm"}  # the methods that learn
+    assert rows["a"].twin == "z"
+    assert rows["warm"].twin is None and rows["warm"].vendi is None  # listed, without a twin
+    diffs = [0.5, 0.0, 1.0]
+    row = rows["a"]
+    assert row.vendi.mean == pytest.approx(0.5)
+    assert row.vendi.se == pytest.approx(float(np.std(diffs, ddof=1)) / math.sqrt(3))
+    assert (row.vendi.wins, row.vendi.losses) == (2, 0)
+    assert row.log_perplexity.mean == pytest.approx(math.log(2) / 3)  # only unit 3 differs: 40 vs 20
+    # Residual: Vendi minus the curve at the method's own perplexity. The curve goes (10 -> per-unit 2, 4, 3) to
+    # (40 -> 3, 6, 5); a is at ppl 20 (halfway in log): curve 2.5, 5, 4; z at ppl 20**(2/3) * 10**(1/3): weight 1/3.
+    w = (math.log(float(np.exp(np.mean(np.log([10.0, 20.0, 20.0]))))) - math.log(10)) / math.log(4)
+    curve_z = [2 + w, 4 + 2 * w, 3 + 2 * w]
+    res = [(3 - 2.5) - (2.5 - curve_z[0]), (5 - 5) - (5 - curve_z[1]), (4 - 4) - (3 - curve_z[2])]
+    assert row.residual.mean == pytest.approx(np.mean(res))
+    assert row.residual.se == pytest.approx(float(np.std(res, ddof=1)) / math.sqrt(3))
+    (vs_random,) = random
+    assert vs_random.name == "warm" and vs_random.twin == "a"  # same settings, random init
+    assert vs_random.vendi.mean == pytest.approx(1.0) and (vs_random.vendi.wins, vs_random.vendi.losses) == (2, 0)  # 1, 0, 2
