@@ -63,7 +63,8 @@ def solve_beta(lm_logits: torch.Tensor, distiller_logits: torch.Tensor, keep: to
 
     ``lm_logits``, ``distiller_logits`` and ``keep`` are [rows, k] (the candidate space); pass zeros
     as ``distiller_logits`` for the sharpen-only tilt ``(1 + beta) l``. Returns (beta, realised KL),
-    both [rows] float32. ``budget = 0`` gives beta = 0 exactly.
+    both [rows] float32. ``budget = 0`` gives beta = 0 exactly. The solution is unique because KL is
+    monotone in beta: dKL/dbeta = beta Var_beta(a) >= 0 for the tilt pi_beta ∝ pi_ref exp(beta a).
     """
     lm = lm_logits.float()
     direction = torch.where(keep, lm - distiller_logits.float(), 0.0) / temperature

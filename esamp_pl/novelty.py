@@ -295,6 +295,9 @@ def _report(cfg: DictConfig, prompts: list[str], decode: DecodeSettings, variant
             entry.update({k: v for k, v in overrides.items() if v is not None})
             if reference is not None and name != "random":
                 entry["spearman_minus_random"], entry["spearman_minus_random_se"] = _paired(record, reference)
+            twin = records.get(FROZEN_PREFIX + name)
+            if twin is not None:
+                entry["spearman_minus_frozen"], entry["spearman_minus_frozen_se"] = _paired(record, twin)
             if "kl_budget_stats" in record:
                 entry["realised_beta"] = record["kl_budget_stats"]
             report["inits"][name if index == 0 else f"{name}@{label}"] = {k: _finite(v) for k, v in entry.items()}
@@ -315,8 +318,8 @@ def _paired(record: dict, reference: dict) -> tuple[float, float]:
 
 def format_table(report: dict[str, Any]) -> str:
     """A Markdown table of the report."""
-    lines = ["| run | Spearman within step (± s.e.) | pooled (± s.e.) | vs random (paired s.e.) | KL/step | "
-             "mean abs Δlogit | updates |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | Spearman within step (± s.e.) | pooled (± s.e.) | vs random (paired s.e.) | "
+             "vs frozen twin (paired s.e.) | KL/step | mean abs Δlogit | updates |", "|---|---|---|---|---|---|---|---|"]
 
     def fmt(value, se=None, digits=3):
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -326,7 +329,9 @@ def format_table(report: dict[str, Any]) -> str:
 
     for name, e in report["inits"].items():
         vs = fmt(e.get("spearman_minus_random"), e.get("spearman_minus_random_se"), 2)
+        vs_frozen = fmt(e.get("spearman_minus_frozen"), e.get("spearman_minus_frozen_se"), 2)
         lines.append(f"| {name} | {fmt(e['spearman'], e['spearman_se'], 2)} | "
-                     f"{fmt(e['spearman_pooled'], e['spearman_pooled_se'], 2)} | {vs} | {fmt(e['kl_per_step'], None, 4)} | "
+                     f"{fmt(e['spearman_pooled'], e['spearman_pooled_se'], 2)} | {vs} | {vs_frozen} | "
+                     f"{fmt(e['kl_per_step'], None, 4)} | "
                      f"{fmt(e['abs_dlogit'])} | {e['updates']} |")
     return "\n".join(lines)

@@ -143,3 +143,28 @@ def test_run_diagnostic_refuses_bad_settings_before_loading_a_model(tmp_path):
     with pytest.raises(ValueError, match="needs ESamp with a Distiller"):
         run_diagnostic(sharpen)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_pairs_each_init_with_random_and_its_frozen_twin():
+    from esamp_pl.novelty import _report, format_table
+
+    def record(per_prompt, tokens="same"):
+        return {"per_prompt": [{"spearman": v} for v in per_prompt], "spearman": sum(per_prompt) / len(per_prompt),
+                "spearman_se": 0.0, "spearman_pooled": 0.5, "spearman_pooled_se": math.nan, "kl_per_step": 0.0,
+                "abs_dlogit": 0.0, "updates": 3, "tokens_sha256": tokens}
+
+    runs = {"beta0": {"random": record([0.1, 0.2, 0.0]), "warm": record([0.4, 0.6, 0.5]),
+                      "frozen_warm": record([0.2, 0.2, 0.2])},
+            "beta0.25": {"random": record([0.1, 0.1, 0.1], "x"), "warm": record([0.3, 0.3, 0.3], "y")}}
+    cfg = OmegaConf.create({"model": {"name": "tiny"}, "sampling": {"min_p": 0.1}})
+    decode = DecodeSettings(n=4, max_new_tokens=8)
+    report = _report(cfg, ["a", "b", "c"], decode, [("beta0", {"beta": 0.0}), ("beta0.25", {"beta": 0.25})], runs)
+    warm = report["inits"]["warm"]
+    assert warm["spearman_minus_random"] == pytest.approx(0.4)  # [0.3, 0.4, 0.5]
+    assert warm["spearman_minus_random_se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert warm["spearman_minus_frozen"] == pytest.approx(0.3)  # [0.2, 0.4, 0.3]
+    assert warm["spearman_pooled_se"] is None  # nan becomes null (JSON)
+    assert "spearman_minus_random" not in report["inits"]["random"]
+    assert report["inits"]["warm@beta0.25"]["spearman_minus_random"] == pytest.approx(0.2)
+    assert report["same_tokens"] == {"beta0": True, "beta0.25": False}
+    assert format_table(report).count("\n") == 2 + 5 - 1
