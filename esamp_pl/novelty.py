@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from esamp_pl.evaluation.stats import standard_error
+from esamp_pl.files import write_json_atomic
 from esamp_pl.engine import DecodeSettings, StepObservation
 from esamp_pl.kl_budget import candidate_kl
 
@@ -71,14 +73,10 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample std / sqrt(count)); nan where undefined."""
+    """Mean and standard error of the mean (the evaluation's definition); nan where undefined."""
     if not values:
         return math.nan, math.nan
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, math.nan
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(variance / len(values))
+    return sum(values) / len(values), standard_error(values)
 
 
 # -- the observer -------------------------------------------------------------------------------------------
@@ -213,10 +211,6 @@ def _tokens_digest(result) -> str:
     return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=1))
-    temporary.replace(path)
 
 
 def run_diagnostic(cfg: DictConfig) -> dict[str, Any]:
@@ -272,7 +266,7 @@ def run_diagnostic(cfg: DictConfig) -> dict[str, Any]:
                       **probe.summary()}
             if result.kl_budget is not None:
                 record["kl_budget_stats"] = result.kl_budget.as_dict()
-            _write_json(path, record)
+            write_json_atomic(path, record, indent=1)
             log.info("%s %s: spearman %.3f (pooled %.3f), %d updates", label, name, record["spearman"],
                      record["spearman_pooled"], record["updates"])
             runs[label][name] = record

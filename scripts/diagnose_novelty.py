@@ -7,12 +7,11 @@
 Prints a Markdown table, then (last line) the JSON report {"inits": {"<init>": {"spearman": ...}}}.
 """
 
-import json
-
 import hydra
 from omegaconf import DictConfig
 
 from esamp_pl.cli import script_main
+from esamp_pl.files import dumps_json
 from esamp_pl.novelty import format_table, run_diagnostic
 from esamp_pl.resources import CONF_DIR
 
@@ -22,7 +21,7 @@ from esamp_pl.resources import CONF_DIR
 def main(cfg: DictConfig) -> None:
     report = run_diagnostic(cfg)
     print(format_table(report))
-    print(json.dumps(report))
+    print(dumps_json(report))
 
 
 if __name__ == "__main__":
