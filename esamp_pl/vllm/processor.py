@@ -107,11 +107,11 @@ class ESampLogitsProcessor(LogitsProcessor):
     @staticmethod
     def _join(runtime, request_id: str, row: _Row, view) -> None:
         options, params = row.options, row.params
+        parent, index = v1_runner.parse_child_id(request_id)
         if options.group is not None:
-            group, slot, size = f"group:{options.group}", None, options.group_size or 1
+            group, size = f"group:{options.group}", options.group_size or 1
         else:
-            parent, index = v1_runner.parse_child_id(request_id)
-            group, slot, size = f"request:{parent}", index, 1
+            group, size = f"request:{parent}", 1
         sampling = esamp_sampling(params.temperature, params.top_k, params.top_p, params.min_p,
                                   runtime.settings.max_candidates)
-        runtime.add(request_id, options, sampling, seed=params.seed, group=group, slot=slot, size=size)
+        runtime.add(request_id, options, sampling, seed=params.seed, group=group, slot=index, size=size)

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from esamp_pl.adapter import AdapterSpec
+from esamp_pl.adapter import AdapterSpec, AdapterStats
 from esamp_pl.sampling import SamplingParams, fuse, sample_from_candidates, select_candidates
 from esamp_pl.sites import OutputHead
-from esamp_pl.vllm.groups import GroupBank
+from esamp_pl.vllm.groups import GroupBank, merged_stats
 from esamp_pl.vllm.options import PluginSettings, RequestOptions
 
 VLLM_SAMPLING_EPS = 1e-5
@@ -183,12 +183,21 @@ class ESampRuntime:
 
     # ---- what happened --------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Counters of the whole run (plain Python values, safe to send over RPC)."""
+        """Counters of the whole run and each group's curves (plain Python values, safe to send over RPC).
+
+        Reading a live group's curves synchronises with the device; call it between steps, not in one.
+        """
         bank = self.bank
+        groups = [_group_record(s.key, s.steps, s.stats, live=False) for s in bank.finished]
+        groups += [_group_record(g.key, g.steps, merged_stats([*g.past, g.adapter.stats()]), live=True)
+                   for g in bank.groups.values() if g.adapter is not None]
         return {"distiller_updates": bank.updates(), "groups_created": bank.groups_created,
                 "groups_freed": bank.groups_freed, "live_groups": len(bank.groups),
                 "live_distillers": bank.live_distillers, "live_members": len(self.members),
-                "esamp_draws": self.esamp_draws, "esamp_decode_rows": self.decode_rows,
-                "finished_groups": [{"group": s.key, "steps": s.steps, "updates": s.stats.updates,
-                                     "skipped_updates": s.stats.skipped_nonfinite,
-                                     "loss_per_step": s.stats.loss_per_step} for s in bank.finished]}
+                "esamp_draws": self.esamp_draws, "esamp_decode_rows": self.decode_rows, "groups": groups}
+
+
+def _group_record(key: str, steps: int, stats: AdapterStats, *, live: bool) -> dict[str, Any]:
+    return {"group": key, "live": live, "steps": steps, "updates": stats.updates,
+            "skipped_updates": stats.skipped_nonfinite, "loss_per_step": stats.loss_per_step,
+            "relative_error_per_step": stats.relative_error_per_step}
