@@ -15,15 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 
-def generate_with_vllm(cfg: Any) -> dict[str, Any]:
+def generate_with_vllm(cfg: Any, llm: Any = None) -> dict[str, Any]:
     """``scripts/generate.py engine=vllm``: see :func:`esamp_pl.vllm.offline.generate_with_vllm`."""
     from esamp_pl.vllm.offline import generate_with_vllm as run
 
-    return run(cfg)
+    return run(cfg, llm)
 
 
-def benchmark(cfg: Any) -> dict[str, Any]:
+def benchmark(cfg: Any, llm: Any = None) -> dict[str, Any]:
     """``scripts/benchmark.py engine=vllm``: see :func:`esamp_pl.vllm.offline.benchmark`."""
     from esamp_pl.vllm.offline import benchmark as run
 
-    return run(cfg)
+    return run(cfg, llm)

@@ -3,13 +3,17 @@
 The Distiller's starting weights come from the same code as the own engine's
 (:func:`esamp_pl.init.initial_distiller_state`): ``warm`` reads the checkpoint filed for the model
 (``checkpoints/<model>/paper-r<rank>...``, checked against the model's config fingerprint),
-``svd`` factors vLLM's own last-layer FFN weights. Each is computed once per process and copied
+``svd`` factors the last layer's FFN weights (read from the model's safetensors files). Each is computed
+once per process and copied
 into every new group's Distiller.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,16 +37,51 @@ class _ModelSpecView:
 class _LoadedView:
     """The fields of :class:`esamp_pl.models.LoadedModel` that the init code reads, for a vLLM model."""
 
-    model: torch.nn.Module
+    model: Any
     spec: _ModelSpecView
     fingerprint: str
+
+
+def _checkpoint_tensors(model_path: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors ``names`` read from the model's safetensors files (vLLM's CPU build repacks its linear
+    weights and leaves ``layer.weight`` empty, so the svd init reads the checkpoint instead)."""
+    from safetensors import safe_open
+
+    folder = Path(model_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model_path, local_files_only=True))
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in set(names) & set(handle.keys()):
+                found[name] = handle.get_tensor(name)
+    missing = sorted(set(names) - set(found))
+    if missing:
+        raise ValueError(f"esamp_init=svd needs {missing} from the model's safetensors files in {folder}; "
+                         "use esamp_init=random or warm")
+    return found
+
+
+def _last_layer_ffn(model_path: str, num_layers: int) -> Any:
+    """A stand-in with the layout :func:`esamp_pl.init.svd_state` reads: ``model.layers[-1].mlp.*_proj.weight``."""
+    prefix = f"model.layers.{num_layers - 1}.mlp."
+    names = [prefix + part + "_proj.weight" for part in ("down", "up", "gate")]
+    tensors = _checkpoint_tensors(model_path, names)
+    mlp = SimpleNamespace(**{f"{part}_proj": SimpleNamespace(weight=tensors[prefix + part + "_proj.weight"])
+                             for part in ("down", "up", "gate")})
+    return SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(mlp=mlp)], norm=SimpleNamespace()))
 
 
 class InitialStates:
     """``esamp_init`` -> one Distiller's weights (None for random), computed once per kind."""
 
-    def __init__(self, loaded: _LoadedView, spec: DistillerSpec, settings: PluginSettings) -> None:
+    def __init__(self, loaded: _LoadedView, spec: DistillerSpec, settings: PluginSettings, *, model_path: str,
+                 num_layers: int) -> None:
         self.loaded = loaded
+        self.model_path = model_path
+        self.num_layers = num_layers
         self.spec = spec
         self.settings = settings
         self._cache: dict[str, dict[str, torch.Tensor] | None] = {}
@@ -51,8 +90,11 @@ class InitialStates:
         if kind not in self._cache:
             from esamp_pl.init import initial_distiller_state
 
+            loaded = self.loaded
+            if kind == "svd":
+                loaded = dataclasses.replace(loaded, model=_last_layer_ffn(self.model_path, self.num_layers))
             self._cache[kind] = initial_distiller_state(
-                kind, loaded_model=self.loaded, sites=SitePair(self.settings.sites), distiller_spec=self.spec,
+                kind, loaded_model=loaded, sites=SitePair(self.settings.sites), distiller_spec=self.spec,
                 warm_start_path=self.settings.warm_start_path)
         return self._cache[kind]
 
@@ -79,14 +121,16 @@ def build_runtime(view: "RunnerView") -> "RunnerBinding":
     model = view.model
     weight, bias, softcap, scale = _head_of(model)
     hf_config = config.model_config.hf_config
-    hidden_size = int(hf_config.get_text_config().hidden_size)
+    text_config = hf_config.get_text_config()
+    hidden_size = int(text_config.hidden_size)
     device = weight.device
     capture = VllmStateCapture(model, max_tokens=view.max_tokens(), hidden_size=hidden_size, dtype=weight.dtype,
                                device=device)
     spec = settings.adapter_spec(hidden_size)
     loaded = _LoadedView(model=model, spec=_ModelSpecView(model_name_for(config.model_config.model, settings)),
                          fingerprint=model_fingerprint(hf_config))
+    initial = InitialStates(loaded, spec.distiller, settings, model_path=config.model_config.model,
+                            num_layers=int(text_config.num_hidden_layers))
     runtime = ESampRuntime(settings, head=output_head(weight, bias, softcap), hidden_size=hidden_size,
-                           device=device, initial_state=InitialStates(loaded, spec.distiller, settings),
-                           logit_scale=scale)
+                           device=device, initial_state=initial, logit_scale=scale)
     return RunnerBinding(view=view, capture=capture, runtime=runtime)

@@ -135,8 +135,11 @@ def group_summary(stats: dict[str, Any], run_tag: str) -> dict[str, Any]:
             "relative_error_last_step": relative[-1] if relative else None, "loss_per_step": losses}
 
 
-def generate_with_vllm(cfg: DictConfig) -> dict[str, Any]:
-    """``scripts/generate.py engine=vllm``: validate, start vLLM, generate, write the JSONL and the summary."""
+def generate_with_vllm(cfg: DictConfig, llm=None) -> dict[str, Any]:
+    """``scripts/generate.py engine=vllm``: validate, start vLLM, generate, write the JSONL and the summary.
+
+    ``llm``: an already running ``vllm.LLM`` with the plugin (its server-wide ESamp settings are used).
+    """
     decode = settings_lib.decode_settings(cfg)
     _check_supported(decode)
     init = settings_lib.esamp_init(cfg.esamp)
@@ -147,7 +150,7 @@ def generate_with_vllm(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"output must be a .jsonl path, but is {str(output)!r}")
 
     load_start = time.perf_counter()
-    llm = make_llm(cfg, decode, spec)
+    llm = llm if llm is not None else make_llm(cfg, decode, spec)
     load_seconds = time.perf_counter() - load_start
     tokenizer = llm.get_tokenizer()
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template=spec.chat_template,
@@ -182,11 +185,34 @@ def generate_with_vllm(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def benchmark(cfg: DictConfig) -> dict[str, Any]:
-    """``scripts/benchmark.py engine=vllm``: ESamp-on / ESamp-off tokens per second inside one vLLM instance.
+def _own_engine_runs(spec: ModelSpec, on: DecodeSettings, prompts: list[str]):
+    """ESamp-off / ESamp-on runs of the own static engine on the same prompts, in this process (same threads)."""
+    from esamp_pl.generation import build_engine
+    from esamp_pl.models import load_model
 
-    Alternated rounds (off, on, then on, off, ...), every row generating exactly ``max_new_tokens``
-    (EOS ignored); reports the medians, their ratio, and the Distiller updates of the ESamp rounds.
+    loaded = load_model(spec)
+    own_on = settings_lib.with_hidden_size(on, loaded.model.config.hidden_size)
+    own_off = dataclasses.replace(own_on, esamp=None)
+    ids = encode_prompts(loaded.tokenizer, prompts, chat_template=spec.chat_template, max_context=loaded.max_context,
+                         max_new_tokens=on.max_new_tokens)
+    engine = build_engine(loaded, "static", cuda_graphs=False)
+
+    def run(settings: DecodeSettings):
+        def go() -> tuple[int, int | None]:
+            result = engine.generate(ids, settings)
+            return result.tokens_generated, result.adapter_stats.updates if result.adapter_stats else None
+        return go
+
+    return {"own_off": run(own_off), "own_on": run(own_on)}
+
+
+def benchmark(cfg: DictConfig, llm=None) -> dict[str, Any]:
+    """``scripts/benchmark.py engine=vllm``: ESamp-on / ESamp-off tokens per second inside one vLLM instance,
+    beside the own static engine's on / off on the same prompts in the same process (``own_engine: false`` skips it).
+
+    Alternated rounds (each mode once per round, the order reversed every other round), every row
+    generating exactly ``max_new_tokens`` (EOS ignored); medians over rounds, their ratios, and the
+    Distiller updates of the ESamp runs (a fast no-op would show 0).
     """
     on = dataclasses.replace(settings_lib.decode_settings(cfg), ignore_eos=True)
     _check_supported(on)
@@ -196,41 +222,66 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"rounds must be >= 1, but is {cfg.rounds}")
     spec = ModelSpec.from_config(cfg.model)
     prompts = load_prompts(cfg.prompts)[:cfg.get("num_prompts") or None]
-    llm = make_llm(cfg, on, spec)
+    llm = llm if llm is not None else make_llm(cfg, on, spec)
     off = dataclasses.replace(on, esamp=None)
     prompt_ids = encode_prompts(llm.get_tokenizer(), prompts, chat_template=spec.chat_template,
                                 max_context=vllm_options(cfg)["max_model_len"], max_new_tokens=on.max_new_tokens)
     from vllm.inputs import TokensPrompt
 
     inputs = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-    rates: dict[str, list[float]] = {"off": [], "on": []}
-    updates: list[int] = []
+
+    def vllm_run(settings: DecodeSettings):
+        def go() -> tuple[int, int | None]:
+            tag = uuid.uuid4().hex[:8]
+            params = [request_params(settings, p, f"{tag}:{p}", ignore_eos=True, logprobs=False)
+                      for p in range(len(prompts))]
+            results = llm.generate(inputs, params, use_tqdm=False)
+            updates = group_summary(esamp_stats(llm), tag)["distiller_updates"] if settings.esamp else None
+            return sum(len(c.token_ids) for r in results for c in r.outputs), updates
+        return go
+
+    runs = {"off": vllm_run(off), "on": vllm_run(on)}
+    if cfg.get("own_engine", True):
+        runs.update(_own_engine_runs(spec, on, prompts))
+    rates: dict[str, list[float]] = {mode: [] for mode in runs}
+    updates: dict[str, list[int]] = {mode: [] for mode in runs}
 
     def timed(mode: str) -> float:
-        settings = on if mode == "on" else off
-        tag = uuid.uuid4().hex[:8]
-        params = [request_params(settings, p, f"{tag}:{p}", ignore_eos=True, logprobs=False)
-                  for p in range(len(prompts))]
         start = time.perf_counter()
-        results = llm.generate(inputs, params, use_tqdm=False)
+        tokens, mode_updates = runs[mode]()
         seconds = time.perf_counter() - start
-        if mode == "on":
-            updates.append(group_summary(esamp_stats(llm), tag)["distiller_updates"])
-        return sum(len(c.token_ids) for r in results for c in r.outputs) / seconds
+        if mode_updates is not None:
+            updates[mode].append(mode_updates)
+        return tokens / seconds
 
     for _ in range(cfg.get("warmup", 1)):
-        timed("off")
-        timed("on")
-    updates.clear()
+        for mode in runs:
+            timed(mode)
+    for values in updates.values():
+        values.clear()
     for r in range(cfg.rounds):
-        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+        for mode in list(runs) if r % 2 == 0 else list(runs)[::-1]:
             rates[mode].append(timed(mode))
+    import torch
     import vllm
 
     median = {m: statistics.median(v) for m, v in rates.items()}
-    return {"engine": f"vllm {vllm.__version__}", "esamp_on_off_ratio": round(median["on"] / median["off"], 4),
-            "esamp_on_off_ratio_paired": round(statistics.median(a / b for a, b in zip(rates["on"], rates["off"])), 4),
-            "updates": min(updates) if updates else 0, "tokens_per_s_on": round(median["on"], 2),
-            "tokens_per_s_off": round(median["off"], 2), "model": spec.name, "prompts": len(prompts), "n": on.n,
-            "max_new_tokens": on.max_new_tokens, "rounds": cfg.rounds,
-            "rates": {m: [round(x, 2) for x in v] for m, v in rates.items()}}
+
+    def ratio(a: str, b: str) -> dict[str, float]:
+        return {"median": round(median[a] / median[b], 4),
+                "paired": round(statistics.median(x / y for x, y in zip(rates[a], rates[b])), 4)}
+
+    summary = {"engine": f"vllm {vllm.__version__}", "esamp_on_off_ratio": ratio("on", "off")["median"],
+               "esamp_on_off_ratio_paired": ratio("on", "off")["paired"],
+               "updates": min(updates["on"]) if updates["on"] else 0,
+               "tokens_per_s_on": round(median["on"], 2), "tokens_per_s_off": round(median["off"], 2),
+               "model": spec.name, "prompts": len(prompts), "n": on.n, "max_new_tokens": on.max_new_tokens,
+               "rounds": cfg.rounds, "threads": torch.get_num_threads(),
+               "rates": {m: [round(x, 2) for x in v] for m, v in rates.items()}}
+    if "own_on" in runs:
+        summary.update(own_engine="static", own_esamp_on_off_ratio=ratio("own_on", "own_off")["median"],
+                       own_updates=min(updates["own_on"]) if updates["own_on"] else 0,
+                       own_tokens_per_s_on=round(median["own_on"], 2),
+                       own_tokens_per_s_off=round(median["own_off"], 2),
+                       vllm_own_off_ratio=ratio("off", "own_off")["median"])
+    return summary

@@ -69,7 +69,9 @@ class ESampLogitsProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         process_dict_updates(self.rows, batch_update, self._new_row)
         bound = v1_runner.binding()
-        if batch_update is not None and batch_update.removed and bound is not None:
+        # Any batch change may carry a finish: a freed batch index that a new request took at once is not
+        # listed in ``removed``, so ask the runner which members still exist.
+        if batch_update is not None and bound is not None:
             runtime = bound.runtime
             for request_id in [r for r in runtime.members if not bound.view.request_exists(r)]:
                 runtime.finish(request_id)  # finished (preempted requests stay in runner.requests)
