@@ -83,7 +83,8 @@ class ESampLogitsProcessor(LogitsProcessor):
         if bound is None:
             if not self._warned_unattached:
                 log.error("esamp_pl: ESamp requests arrived but the plugin is not attached to this vLLM model "
-                          "runner (only the V1 runner is supported); they run as plain vLLM sampling")
+                          "runner (only the V1 runner is supported: on CUDA set VLLM_USE_V2_MODEL_RUNNER=0); "
+                          "they run as plain vLLM sampling")
                 self._warned_unattached = True
             return logits
         view, runtime = bound.view, bound.runtime

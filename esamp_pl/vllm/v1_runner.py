@@ -12,7 +12,8 @@ that changes the runner changes this file only:
 * whether a request still exists (finished requests leave ``runner.requests``; preempted ones stay).
 
 Model Runner V2 (vLLM's default on CUDA) keeps its batch state elsewhere; it is not supported
-yet, and the plugin says so at start-up instead of silently doing nothing.
+yet (``VLLM_USE_V2_MODEL_RUNNER=0`` selects this runner), and the logits processor says so when
+ESamp requests arrive instead of silently doing nothing.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+VLLM_MODULE = "vllm.sampling_params"
+"a module of the real vLLM: without vLLM, ``import vllm`` may find this test folder as a namespace package"
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model" / "smollm2-135m.yaml"
 PLUGIN_SETTINGS = {"record_steps": 4096}
 
@@ -22,7 +24,10 @@ def pytest_configure(config) -> None:
 
 
 def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        return importlib.util.find_spec(VLLM_MODULE) is not None
+    except ImportError:
+        return False
 
 
 @pytest.fixture(scope="session")

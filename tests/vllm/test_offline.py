@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.sampling_params")  # the real vLLM, not this folder as a namespace package
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.sampling_params")  # the real vLLM, not this folder as a namespace package
 openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.vllm

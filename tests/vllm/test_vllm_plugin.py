@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.sampling_params")  # the real vLLM, not this folder as a namespace package
 
 import torch  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
