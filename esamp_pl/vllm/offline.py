@@ -216,7 +216,9 @@ def benchmark(cfg: DictConfig, llm=None) -> dict[str, Any]:
 
     Alternated rounds (each mode once per round, the order reversed every other round), every row
     generating exactly ``max_new_tokens`` (EOS ignored); medians over rounds, their ratios, and the
-    Distiller updates of the ESamp runs (a fast no-op would show 0).
+    Distiller updates of the ESamp runs (a fast no-op would show 0). The own engine runs under the OpenMP
+    binding vLLM's CPU worker sets for the process (and vLLM then ignores ``torch.set_num_threads``), so its
+    figure here is a same-process reference, not a substitute for ``scripts/benchmark.py`` in the main venv.
     """
     on = dataclasses.replace(settings_lib.decode_settings(cfg), ignore_eos=True)
     _check_supported(on)
