@@ -15,15 +15,18 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from esamp_pl.cli import script_main
 from esamp_pl.benchmark import run_benchmark
+from esamp_pl.cli import script_main
 from esamp_pl.resources import CONF_DIR
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="benchmark")
 @script_main
 def main(cfg: DictConfig) -> None:
-    print(json.dumps(run_benchmark(cfg)))
+    run = run_benchmark
+    if cfg.get("engine") == "vllm":  # ESamp on / off inside vLLM (its own venv: scripts/install_vllm.sh)
+        from esamp_pl.vllm import benchmark as run
+    print(json.dumps(run(cfg)))
 
 
 if __name__ == "__main__":

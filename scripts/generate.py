@@ -18,7 +18,10 @@ from esamp_pl.resources import CONF_DIR
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 @script_main
 def main(cfg: DictConfig) -> None:
-    summary = run_generation(cfg)
+    run = run_generation
+    if cfg.get("engine") == "vllm":  # ESamp inside vLLM (its own venv: scripts/install_vllm.sh)
+        from esamp_pl.vllm import generate_with_vllm as run
+    summary = run(cfg)
     logging.getLogger(__name__).info("wrote %s", cfg.output)
     print(summary_line(summary))
 
