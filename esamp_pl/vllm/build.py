@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -23,9 +23,6 @@ from esamp_pl.sites import SitePair
 from esamp_pl.vllm.capture import VllmStateCapture
 from esamp_pl.vllm.options import PluginSettings, model_name_for
 from esamp_pl.vllm.runtime import ESampRuntime, output_head
-
-if TYPE_CHECKING:
-    from esamp_pl.vllm.v1_runner import RunnerBinding, RunnerView
 
 
 @dataclass(frozen=True)
@@ -109,9 +106,10 @@ def _head_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
     return head.weight, bias if isinstance(bias, torch.Tensor) else None, processor.soft_cap, float(processor.scale)
 
 
-def build_runtime(view: "RunnerView") -> "RunnerBinding":
+def build_runtime(view: Any) -> tuple[VllmStateCapture, ESampRuntime]:
+    """The capture hooks and the ESamp runtime for a loaded model; ``view`` is the runner adapter's view
+    (``v1_runner.RunnerView``: vllm_config, model, max_tokens), which binds them to its runner."""
     from esamp_pl.models import model_fingerprint
-    from esamp_pl.vllm.v1_runner import RunnerBinding
 
     config: Any = view.vllm_config
     settings = PluginSettings.from_additional_config(config.additional_config)
@@ -133,4 +131,4 @@ def build_runtime(view: "RunnerView") -> "RunnerBinding":
                             num_layers=int(text_config.num_hidden_layers))
     runtime = ESampRuntime(settings, head=output_head(weight, bias, softcap), hidden_size=hidden_size,
                            device=device, initial_state=initial, logit_scale=scale)
-    return RunnerBinding(view=view, capture=capture, runtime=runtime)
+    return capture, runtime

@@ -103,7 +103,8 @@ def _attach(runner: Any) -> None:
         return
     if _BINDING is not None:
         _BINDING.capture.remove()
-    _BINDING = build_runtime(view)
+    capture, runtime = build_runtime(view)
+    _BINDING = RunnerBinding(view=view, capture=capture, runtime=runtime)
     log.info("esamp_pl: ESamp plugin attached to %s", type(runner).__name__)
 
 
