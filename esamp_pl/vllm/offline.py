@@ -44,9 +44,9 @@ def vllm_options(cfg: Any) -> dict[str, Any]:
 def model_folder(spec: ModelSpec) -> str:
     """What vLLM loads: the converted folder of a packaged / GGUF model (converted once), else the hub id or path."""
     if spec.package is not None or spec.gguf_file is not None:
-        from esamp_pl.models import _converted_gguf_folder  # the loader's own conversion cache
+        from esamp_pl.gguf import converted_gguf_folder  # the loader's own conversion cache
 
-        return str(_converted_gguf_folder(spec))
+        return str(converted_gguf_folder(spec))
     return spec.name_or_path
 
 
