@@ -139,10 +139,11 @@ def _bwrap_command(program_path: str, tmpfs_bytes: int) -> list[str]:
         elif path.is_dir():
             cmd += ["--ro-bind", str(path), str(path)]
     cmd += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(int(tmpfs_bytes)), "--tmpfs", "/tmp"]
+    # After the tmpfs: a Python or venv that lives under /tmp (a CI checkout, say) is bound on top of it.
     for folder in _python_dirs():
         cmd += ["--ro-bind", folder, folder]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(int(tmpfs_bytes)), "--tmpfs", "/tmp",
-            "--ro-bind", program_path, "/tmp/program.py", "--chdir", "/tmp"]
+    cmd += ["--ro-bind", program_path, "/tmp/program.py", "--chdir", "/tmp"]
     return cmd
 
 
