@@ -286,3 +286,16 @@ def test_unknown_or_missing_sandbox_is_a_clear_error(monkeypatch: pytest.MonkeyP
             run_program("pass\n")
     finally:
         execution._probe_bwrap.cache_clear()
+
+
+def test_a_python_under_tmp_is_visible_inside_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout (and its .venv) under /tmp, as CI's may be: its binds must lie on top of the sandbox's
+    /tmp tmpfs, not under it, or the interpreter cannot start."""
+    monkeypatch.setattr(execution.shutil, "which", lambda name: "/usr/bin/bwrap")
+    monkeypatch.setattr(execution, "_python_dirs", lambda: ["/tmp/ci/.venv", "/opt/python"])
+    cmd = execution._bwrap_command("/somewhere/program.py", 1 << 20)
+    tmpfs = cmd.index("--tmpfs")
+    assert cmd[tmpfs + 1] == "/tmp"
+    for folder in ("/tmp/ci/.venv", "/opt/python"):
+        bind = max(i for i in range(len(cmd) - 2) if cmd[i] == "--ro-bind" and cmd[i + 1] == folder)
+        assert bind > tmpfs, f"{folder} is bound before the /tmp tmpfs hides it"
