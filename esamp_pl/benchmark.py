@@ -224,7 +224,9 @@ def profile_extras(engine: DecodeLoop, settings: DecodeSettings, num_prompts: in
     logits = (torch.randn(rows, vocab, generator=gen) * 4).to(device)
     active = torch.ones(rows, dtype=torch.bool, device=device)
     adapter = TestTimeAdapter(esamp.adapter, num_prompts, settings.n, device=device, generator=gen)
-    candidates = select_candidates(logits, settings.sampling, exact=False)
+    # The candidate space the engine itself uses: the CPU widens as needed (a small top-k space), CUDA's fixed
+    # layout sizes it from the configuration (the whole vocabulary for min-p / top-p: a dense head).
+    candidates = select_candidates(logits, settings.sampling, exact=not engine.fixed_candidates)
     prediction = adapter.predict(source, for_update=False)
 
     def project_and_fuse():
