@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from esamp_pl.evaluation.results import read_records
 from esamp_pl.evaluation.runner import build_methods, method_key, run_evaluation
+from tests.evaluation.conftest import usable_sandbox
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 WORDS = ("the a of and to in is it that was for on with as he she they at by this from or an be story sea "
@@ -42,17 +43,7 @@ def config(model_dir: Path, out: Path, *overrides: str):
                                                           "eval.batch_prompts=1", *overrides])
 
 
-def _sandbox() -> str:
-    from esamp_pl.evaluation.execution import SandboxError, check_sandbox
-
-    try:
-        check_sandbox("bwrap")
-    except SandboxError:
-        return "process"  # no bubblewrap here: the weaker mode grades the same
-    return "bwrap"
-
-
-SANDBOX = _sandbox()
+SANDBOX = usable_sandbox()
 
 
 def problems(path: Path) -> list[dict]:

@@ -8,6 +8,7 @@ import importlib.resources
 import pytest
 
 from esamp_pl.evaluation.tasks import GRADED_TASKS, TASKS, Problem, gpqa_shuffle, grade, grade_many, is_graded, load_task
+from tests.evaluation.conftest import usable_sandbox
 
 
 @pytest.mark.parametrize(
@@ -89,7 +90,8 @@ def test_gpqa_shuffle_is_deterministic_and_consistent() -> None:
 def test_humaneval_grade_many() -> None:
     p = load_task("humaneval", limit=1)[0]
     assert p.reference["entry_point"] in p.prompt
-    assert grade_many(p, [p.reference["canonical_solution"], "    return None\n"]) == [True, False]
+    assert grade_many(p, [p.reference["canonical_solution"], "    return None\n"],
+                      sandbox=usable_sandbox()) == [True, False]
 
 
 def test_creative_takes_the_users_prompts(tmp_path) -> None:
