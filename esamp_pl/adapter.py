@@ -141,8 +141,8 @@ class TestTimeAdapter:
         # A non-finite source row is zeroed for the bank (so it cannot poison the gradients of the
         # other rows of its Distiller); the caller reports its prediction as NaN, which fusion ignores.
         source = source.float()
-        finite = torch.isfinite(source).all(-1)
-        return source.masked_fill(~finite.unsqueeze(-1), 0.0), finite
+        finite = _finite_rows(source)
+        return _zero_rows(source, finite), finite
 
     def predict(self, source: torch.Tensor, *, for_update: bool | None = None) -> torch.Tensor:
         """Predicted targets ``[rows, hidden]`` for this step's ``source`` ``[rows, hidden]``.
@@ -155,7 +155,7 @@ class TestTimeAdapter:
         source, finite = self._clean(source)
         prediction, saved = self._forward(source, keep=keep)
         self._pending = (prediction, saved, finite) if keep else None
-        return prediction.masked_fill(~finite.unsqueeze(-1), float("nan"))
+        return prediction + torch.where(finite, 0.0, float("nan")).unsqueeze(-1)  # NaN rows where not finite
 
     def _forward(self, source: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, tuple | None]:
         prediction, saved = self._grad.forward(self._grouped(source), keep=keep and self.spec.learn)
@@ -190,12 +190,12 @@ class TestTimeAdapter:
         # A row whose states (or error) are not finite is dropped; its Distiller learns from its other rows.
         target = target.float()
         rows = self._trained_rows(active_rows)
-        finite_row = torch.isfinite(target).all(-1) & finite_source
-        target = target.masked_fill(~finite_row.unsqueeze(-1), 0.0)
+        finite_row = _finite_rows(target) & finite_source
+        target = _zero_rows(target, finite_row)
         error = prediction - target
         sq_error = squared_error(prediction, target)
         valid = rows & finite_row & torch.isfinite(sq_error)
-        error = error.masked_fill(~valid.unsqueeze(-1), 0.0)
+        error = _zero_rows(error, valid)
         safe_error = torch.where(valid, sq_error, 0.0)
         valid_per_distiller = self._grouped(valid).sum(-1)
         has_rows = self._grouped(rows).any(-1)
@@ -236,3 +236,17 @@ class TestTimeAdapter:
         curves = [c for c in curves if c[2] > 0]
         return AdapterStats(updates=int(self.updates), skipped_nonfinite=int(self.skipped),
                             loss_per_step=[c[0] for c in curves], relative_error_per_step=[c[1] for c in curves])
+
+
+# Row masks written for speed on tiny CPU tensors (the online step is a hundred of them, each of whose fixed cost
+# counts): isfinite(...).all(-1) and masked_fill cost ~5x these on a [32, 576] tensor.
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[rows] bool: the rows of ``x`` [rows, d] whose entries are all finite (a non-finite entry makes the
+    row's sum non-finite; so does a sum that overflows, and such a row is treated as non-finite too)."""
+    return x.sum(-1).isfinite()
+
+
+def _zero_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` [rows, d] with the rows outside ``keep`` [rows] set to 0, NaN and inf included."""
+    return x.nan_to_num(0.0, 0.0, 0.0) * keep.unsqueeze(-1)

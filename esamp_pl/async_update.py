@@ -37,6 +37,8 @@ class InlineUpdater:
 
     reuses_prediction = True
     "the update reuses the step's prediction and its activations (the adapter keeps them)"
+    predicts_early = False
+    "the prediction can start as soon as the source state exists (:meth:`predict_early`), beside the forward"
 
     def __init__(self, adapter: TestTimeAdapter) -> None:
         self.adapter = adapter
@@ -70,17 +72,44 @@ class InlineUpdater:
     def wait(self) -> None:
         """Block until the launched update is applied (before the next prediction)."""
 
+    def predict_early(self, source: torch.Tensor) -> None:
+        """Start this step's prediction from ``source`` now (only where :attr:`predicts_early`)."""
+        raise NotImplementedError(f"{type(self).__name__} predicts inline, in the step")
+
+    def take_prediction(self) -> torch.Tensor | None:
+        """The prediction started by :meth:`predict_early` for this step, or None if none was started."""
+        return None
+
     def close(self) -> None:
         self.wait()
 
 
 class ThreadUpdater(InlineUpdater):
-    """CPU ``async``: the update runs on one worker thread while the decode thread runs the next forward."""
+    """CPU ``async``: the update runs on one worker thread while the decode thread runs the next forward.
+
+    The next prediction runs there too, as soon as the forward has produced its source state (block
+    0's output, :attr:`SiteCapture.on_source`), beside the model's blocks 1..L: the decode thread
+    keeps only the candidates' projection and the fusion. One worker runs its jobs in order, so
+    the prediction of step t + 1 still comes after the update of step t (lag 0).
+    """
+
+    predicts_early = True
 
     def __init__(self, adapter: TestTimeAdapter) -> None:
         super().__init__(adapter)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esamp-update")
         self._future: Future | None = None
+        self._prediction: Future | None = None
+
+    def predict_early(self, source: torch.Tensor) -> None:
+        # A copy: the worker reads it while the forward goes on, and the forward owns its buffers.
+        self._prediction = self._pool.submit(self.adapter.predict, source.clone())
+
+    def take_prediction(self) -> torch.Tensor | None:
+        if self._prediction is None:
+            return None
+        future, self._prediction = self._prediction, None
+        return future.result()  # re-raises the worker's exception here
 
     def launch(self) -> None:
         self.wait()
@@ -99,6 +128,7 @@ class ThreadUpdater(InlineUpdater):
         try:
             self.wait()
         finally:
+            self._prediction = None
             self._pool.shutdown(wait=True)
 
 

@@ -17,8 +17,11 @@ process's CPU time per token, which counts every thread, the update's worker too
 cost, and much less sensitive to neighbours than the wall clock. The report gives medians over
 rounds, the ratios ESamp-on/off (wall and CPU), engine/HF, the Distiller updates performed (a
 fast no-op is a bug), peak memory, how long the decode thread waited for the update, and the
-per-step costs of the ESamp extras on the run's shapes with their share of a step. Its last line
-is JSON.
+per-step costs of the ESamp extras with their share of a step, twice: as ESamp's own calls cost
+inside the timed runs (CPU: CPU time of each call, on the decode thread and on the update's worker),
+and timed alone in a loop on the run's shapes (warm caches, so a lower bound: in the real decode the
+model's forward has just evicted the Distiller's weights, moments and the head's rows from the
+caches, and these calls cost ~2x as much). Its last line is JSON.
 
 ``sweep`` measures the same for a list of prompts x n points (the shape of the paper's Table 3)
 and plots the extras' share of a step against the rows; ``benchmark_shape`` replaces the model's
@@ -29,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import resource
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +51,7 @@ from esamp_pl.adapter import TestTimeAdapter
 from esamp_pl.async_update import ThreadUpdater
 from esamp_pl.decoding import build_engine
 from esamp_pl.decode_loop import DecodeLoop, DecodeSettings, left_pad
+from esamp_pl.esamp import ESampStep
 from esamp_pl.models import LoadedModel, ModelSpec, load_model, model_fingerprint, torch_dtype
 from esamp_pl.prompts import encode_prompts, load_prompts
 from esamp_pl.sampling import SamplingParams, fuse, select_candidates
@@ -114,26 +120,55 @@ def _load_average() -> list[float] | None:
 
 
 @contextlib.contextmanager
-def _update_waits() -> Iterator[list[float]]:
-    """Seconds the decode thread spends in ``ThreadUpdater.wait`` (the CPU worker), appended while active.
+def _timed_methods(targets: list[tuple[type, str]], clock: Callable[[], float]) -> Iterator[list[tuple[str, bool, float]]]:
+    """Wraps each ``(class, method)`` for the duration and records ``(method, ran on this (the decode) thread,
+    seconds by clock)`` per call; restored after. The benchmark's own instrument."""
+    records: list[tuple[str, bool, float]] = []
+    decode_thread = threading.get_ident()
+    originals = [(cls, name, getattr(cls, name)) for cls, name in targets]
 
-    The benchmark's own instrument: the class method is wrapped for the duration and restored after.
-    """
-    waits: list[float] = []
-    original = ThreadUpdater.wait
+    def timed(name: str, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            start = clock()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                records.append((name, threading.get_ident() == decode_thread, clock() - start))
+        return call
 
-    def timed_wait(self) -> None:
-        start = time.perf_counter()
-        try:
-            original(self)
-        finally:
-            waits.append(time.perf_counter() - start)
-
-    ThreadUpdater.wait = timed_wait
+    for cls, name, original in originals:
+        setattr(cls, name, timed(name, original))
     try:
-        yield waits
+        yield records
     finally:
-        ThreadUpdater.wait = original
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+
+
+IN_SITU_DECODE = ("before_prediction", "scores", "launch")
+"ESampStep's calls on the decode thread: the wait for the update, prediction (inline) + fusion, the update's start"
+IN_SITU_WORKER = ("predict", "update", "update_block")
+"TestTimeAdapter's calls that a CPU worker runs: the early prediction and the update"
+
+
+def _in_situ_timers():
+    """CPU time of ESamp's own calls inside the timed runs, by thread (CPU runs)."""
+    return _timed_methods([(ESampStep, name) for name in IN_SITU_DECODE]
+                          + [(TestTimeAdapter, name) for name in IN_SITU_WORKER], time.thread_time)
+
+
+def in_situ_costs(records: list[tuple[str, bool, float]], decode_steps: int) -> dict[str, Any]:
+    """Milliseconds per decode step of ESamp's calls as they ran in the real decode (caches as the model's
+    forward leaves them, the worker beside it): on the decode thread, on the worker, and per call."""
+    parts: dict[str, float] = {}
+    for name, on_decode_thread, seconds in records:
+        if (name in IN_SITU_DECODE) == on_decode_thread:  # calls nested in a decode-thread call are inside it
+            key = name if on_decode_thread else f"worker_{name}"
+            parts[key] = parts.get(key, 0.0) + seconds
+    per_step = {k: round(1e3 * v / decode_steps, 4) for k, v in parts.items()}
+    return {"decode_thread": round(sum(v for k, v in per_step.items() if not k.startswith("worker_")), 4),
+            "worker": round(sum(v for k, v in per_step.items() if k.startswith("worker_")), 4), "parts": per_step}
 
 
 # -- models ---------------------------------------------------------------------------------------------------
@@ -345,14 +380,15 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeLoop]
         for values in series.values():
             values.clear()
     load_before = _load_average()
-    with _update_waits() as waits:
+    with _timed_methods([(ThreadUpdater, "wait")], time.perf_counter) as waits, _in_situ_timers() as calls:
         for r in range(cfg.rounds):
             order = [m for m in modes if m != "hf" or r < cfg.hf_rounds]
             for mode in order if r % 2 == 0 else order[::-1]:
-                waits_before = len(waits)
+                waits_before, calls_before = len(waits), len(calls)
                 timed(mode)
-                if mode != "on":
-                    del waits[waits_before:]  # only ESamp-on's decode thread is of interest
+                if mode != "on":  # only ESamp-on is of interest
+                    del waits[waits_before:]
+                    del calls[calls_before:]
                 log.info("round %d %s: %.1f tokens/s, %.1f tokens per CPU-second", r, mode, rates[mode][-1],
                          cpu_rates[mode][-1])
     median = {m: statistics.median(v) for m, v in rates.items()}
@@ -397,12 +433,23 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeLoop]
         "cpu_rates": {m: [round(x, 2) for x in v] for m, v in cpu_rates.items()},
         "step_ms_off": round(1e3 * rows / median["off"], 3),
         "cpu_step_ms_off": round(1e3 * rows / cpu_median["off"], 3),
-        "update_wait_ms_per_step": round(1e3 * sum(waits) / decode_steps, 4) if waits else None,
+        "update_wait_ms_per_step": round(1e3 * sum(w for _, _, w in waits) / decode_steps, 4) if waits else None,
+        "in_situ_ms_per_step": None,
+        "extras_share_in_situ": None,
+        "extras_share_total_in_situ": None,
+        "cpu_time_ratio_in_situ": None,
         "extras_ms_per_step": None,
         "extras_share": None,
         "extras_share_total": None,
         "cpu_time_ratio_profiled": None,
     }
+    if device.type == "cpu":  # CPU time per thread is what a call costs there (on CUDA, kernels run async)
+        situ = in_situ_costs(calls, decode_steps)
+        step = summary["cpu_step_ms_off"]
+        total = situ["decode_thread"] + situ["worker"]
+        summary.update(in_situ_ms_per_step=situ, extras_share_in_situ=round(situ["decode_thread"] / step, 5),
+                       extras_share_total_in_situ=round(total / step, 5),
+                       cpu_time_ratio_in_situ=round(step / (step + total), 4))
     if cfg.profile:
         extras = profile_extras(engines["on"], on, len(prompt_ids))
         # A CPU step is timed in CPU time like its extras (one decode thread); a CUDA step in wall time.
@@ -503,12 +550,22 @@ def report(summary: dict[str, Any]) -> str:
                  f"{summary['cpu_ms_per_token_on']:.4f}; decode thread alone: off {thread['off']:.4f}, on {thread['on']:.4f}")
     if summary["update_wait_ms_per_step"] is not None:
         lines.append(f"  decode thread waited {summary['update_wait_ms_per_step']:.3f} ms per step for the update")
+    situ = summary.get("in_situ_ms_per_step")
+    if situ:
+        step = summary["cpu_step_ms_off"]
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in situ["parts"].items())
+        lines.append(f"  ESamp's calls in the timed runs (CPU time per step; step ~{step:.1f} ms): decode thread "
+                     f"{situ['decode_thread']:.3f} ms, worker {situ['worker']:.3f} ms ({parts})")
+        lines.append(f"  their share of a step: {100 * summary['extras_share_in_situ']:.3f}% on the decode thread, "
+                     f"{100 * summary['extras_share_total_in_situ']:.3f}% in all (CPU-time ratio this predicts: "
+                     f"{summary['cpu_time_ratio_in_situ']:.4f})")
     extras = summary["extras_ms_per_step"]
     if extras:
         cpu = summary["device"] == "cpu"
         step = summary["cpu_step_ms_off"] if cpu else summary["step_ms_off"]
         parts = ", ".join(f"{k} {v:.3f} ms ({100 * v / step:.2f}%)" for k, v in extras.items())
-        lines.append(f"  ESamp extras per step ({'CPU time' if cpu else 'wall'}; step ~{step:.1f} ms): {parts}")
+        lines.append(f"  ESamp extras per step, timed alone in a loop ({'CPU time' if cpu else 'wall'}; warm caches: "
+                     f"a lower bound; step ~{step:.1f} ms): {parts}")
         lines.append(f"  share of a step: {100 * summary['extras_share']:.3f}% on the decode thread, "
                      f"{100 * summary['extras_share_total']:.3f}% in all"
                      + (f" (CPU-time ratio this predicts: {summary['cpu_time_ratio_profiled']:.4f})" if cpu else ""))

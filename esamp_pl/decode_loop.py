@@ -261,6 +261,8 @@ class DecodeLoop:
         with SiteCapture(self.model, self.sites) as capture:
             run, logits = self._begin(capture, prompt_ids, settings, initial_state, self._stop_ids(settings),
                                       observer)
+            # After the prefill: the Distiller's prediction may start inside each decode forward (CPU worker).
+            capture.on_source = run.esamp.source_hook if run.esamp is not None else None
             reported = [False] * num_prompts
             results: list[PromptResult | None] = [None] * num_prompts
             steps_run = 0

@@ -11,7 +11,9 @@ a decode engine only calls, per step::
     scores(candidates, source, target, active)     # the scores to sample from
     after_sampling(source, target, active)         # stage this step's pairs, launch the update
 
-(a CUDA-graphed engine calls ``stage`` inside its captured half and ``launch`` after it). Whether
+(a CUDA-graphed engine calls ``stage`` inside its captured half and ``launch`` after it), and hands
+:attr:`ESampStep.source_hook` to its site capture, so that on a CPU worker the prediction starts as
+soon as the source state exists, beside the rest of the forward. Whether
 the prediction keeps its activations for the update is the updater's business
 (:mod:`esamp_pl.async_update`), not the engine's. No host synchronisation anywhere in a step.
 """
@@ -19,6 +21,7 @@ the prediction keeps its activations for the update is the updater's business
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +130,8 @@ class ESampStep:
         self.prediction = None
         if self.adapter is None:  # sharpen-only: d = 0
             return (1.0 + self._beta(candidates, None, active)) * candidates.logits.float()
-        self.prediction = self.adapter.predict(source)
+        early = self.updater.take_prediction()
+        self.prediction = self.adapter.predict(source) if early is None else early
         if not settings.tilts:
             return candidates.logits
         tilted = prediction_for_fusion(self.prediction, target, active, self.adapter.samples_per_prompt,
@@ -150,6 +154,14 @@ class ESampStep:
         tiltable = candidates.size > 1  # beta can change the distribution
         self.betas.record(beta, kl, tiltable if active is None else tiltable & active)
         return beta.unsqueeze(-1)
+
+    @property
+    def source_hook(self) -> Callable[[torch.Tensor], None] | None:
+        """What the engine's :class:`SiteCapture` calls with a decode step's source state, so that the
+        prediction starts beside the rest of the forward (a CPU worker); None where it runs in the step."""
+        if self.updater is not None and self.updater.predicts_early:
+            return self.updater.predict_early
+        return None
 
     def stage(self, source: torch.Tensor, target: torch.Tensor, active: torch.Tensor) -> None:
         """Hand this step's pairs to the updater (device copies only: capturable in a CUDA graph)."""

@@ -92,8 +92,8 @@ class BankAdam:
         """
         spec = self.spec
         slots = self._slot_views(grads)
-        # Per-Distiller gradient norm: the norm of its tensors' norms.
-        norm = torch.stack(torch._foreach_norm([g for slot in slots for g in slot])).view(len(slots), -1).norm(dim=1)
+        # Per-Distiller gradient norm: the norm of its tensors' norms, one batched norm per bank tensor.
+        norm = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads]).norm(dim=0)
         stepped = update_mask & torch.isfinite(norm)
         mask = stepped.to(torch.float32)
         self.steps.add_(mask)

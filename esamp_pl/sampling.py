@@ -10,7 +10,8 @@ Every filter keeps the highest-logit tokens, so C is always a prefix of the toke
 LM's logits. The work therefore happens in a *candidate space*, the top tokens by logit:
 
 * widened on demand (``exact=True``, the eager engine and any CPU run): the top ``max_candidates``
-  first, the whole vocabulary for a step where C does not fit (one host read);
+  first, the whole vocabulary for a step where C does not fit (one host read), and narrowed to the
+  next power of two that holds every row's C where it fits (ESamp's per-candidate work shrinks with it);
 * sized from the configuration (``exact=False``, fixed shapes for CUDA graphs, no host read):
   ``top_k + TIE_ROOM`` tokens when top-k bounds C, else the whole vocabulary (no other filter
   bounds C: a flat distribution keeps every token under min-p or top-p). Only more than
@@ -111,7 +112,8 @@ def fixed_space_size(params: SamplingParams, vocab: int) -> int:
 def select_candidates(logits: torch.Tensor, params: SamplingParams, *, exact: bool = True) -> CandidateSet:
     """Apply the filters to ``logits`` ([rows, vocab]) and return the candidate set.
 
-    ``exact=True`` widens the space to the vocabulary when some row fills it (one host read);
+    ``exact=True`` widens the space to the vocabulary when some row fills it, and otherwise narrows it to
+    the next power of two that holds every row's set (one host read); nothing of C is ever cut;
     ``exact=False`` uses the space sized from the configuration (:func:`fixed_space_size`: fixed
     shapes, no host synchronisation).
     """
@@ -123,11 +125,17 @@ def select_candidates(logits: torch.Tensor, params: SamplingParams, *, exact: bo
         k = fixed_space_size(params, vocab)
     top_logits, top_ids = torch.topk(logits, k, dim=-1)
     keep = _filter_sorted(top_logits, logits, params)
-    if exact and k < vocab and bool(keep[:, -1].any()):
-        k = vocab
-        top_logits, top_ids = torch.topk(logits, k, dim=-1)
-        keep = _filter_sorted(top_logits, logits, params)
-    return CandidateSet(token_ids=top_ids, logits=top_logits, keep=keep, partial=k < vocab)
+    if not exact or k == vocab:
+        return CandidateSet(token_ids=top_ids, logits=top_logits, keep=keep, partial=k < vocab)
+    # One host read: how far into the space the widest row's set reaches (C is a prefix of each row).
+    used = int((keep * torch.arange(1, k + 1, device=keep.device)).amax())
+    if used == k:  # some row fills the space: C may go on past it
+        top_logits, top_ids = torch.topk(logits, vocab, dim=-1)
+        return CandidateSet(token_ids=top_ids, logits=top_logits, keep=_filter_sorted(top_logits, logits, params))
+    # Narrowed to the next power of two that holds every row's set: what follows (ESamp's projection of the
+    # candidates, fusion, sampling) costs in proportion to the width, and the columns cut are outside C.
+    width = min(k, 1 << max(used - 1, 0).bit_length())
+    return CandidateSet(token_ids=top_ids[:, :width], logits=top_logits[:, :width], keep=keep[:, :width])
 
 
 def fuse(lm_logits: torch.Tensor, distiller_logits: torch.Tensor, beta: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ on exactly the same tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,8 @@ class SiteCapture:
         self.last_position_only = last_position_only
         self.source: torch.Tensor | None = None
         self.target: torch.Tensor | None = None
+        self.on_source: Callable[[torch.Tensor], None] | None = None
+        "called with the source state as soon as its site has run (the rest of the forward still to come)"
         self._handles = [
             site_module(model, sites.source).register_forward_hook(self._hook("source")),
             site_module(model, sites.target).register_forward_hook(self._hook("target")),
@@ -99,6 +102,8 @@ class SiteCapture:
             if self.last_position_only:
                 hidden = hidden[:, -1, :]
             setattr(self, slot, hidden.detach())
+            if slot == "source" and self.on_source is not None:
+                self.on_source(self.source)
         return store
 
     def pop(self) -> tuple[torch.Tensor, torch.Tensor]:

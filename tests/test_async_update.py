@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 
@@ -51,11 +53,12 @@ def test_thread_updater_has_the_documented_lag_and_the_sync_result():
 @pytest.mark.parametrize("engine_cls", ENGINES)
 def test_async_engine_gives_the_sync_tokens_and_predicts_after_every_earlier_update(tiny_llama, engine_cls,
                                                                                      monkeypatch):
-    seen = []
+    seen, threads = [], []
     predict = TestTimeAdapter.predict
 
     def spy(self, source, **kwargs):
         seen.append(int(self.optimizer.steps[0]))
+        threads.append(threading.current_thread().name)
         return predict(self, source, **kwargs)
 
     monkeypatch.setattr(TestTimeAdapter, "predict", spy)
@@ -63,10 +66,14 @@ def test_async_engine_gives_the_sync_tokens_and_predicts_after_every_earlier_upd
     results = {}
     for mode in ("sync", "async"):
         seen.clear()
+        threads.clear()
         settings = DecodeSettings(n=3, max_new_tokens=12, seed=1, esamp=esamp(mode),
                                   sampling=SamplingParams(max_candidates=256))
         results[mode] = engine.generate(PROMPTS, settings)
         assert seen == list(range(11)), mode  # lag 0: decode step k predicts after the k updates before it
+        # async: the prediction runs on the update's worker, started by the source site's hook inside the forward
+        worker = [name.startswith("esamp-update") for name in threads]
+        assert worker == [mode == "async"] * 11, (mode, threads)
     sync, threaded = results["sync"], results["async"]
     assert [s.token_ids for p in sync.prompts for s in p.samples] == \
            [s.token_ids for p in threaded.prompts for s in p.samples]

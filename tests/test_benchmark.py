@@ -7,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from esamp_pl import benchmark
-from esamp_pl.benchmark import kv_cache_bytes, run_benchmark
+from esamp_pl.benchmark import in_situ_costs, kv_cache_bytes, run_benchmark
 from tests.conftest import TINY
 from tests.pretrain.conftest import write_tiny_model
 
@@ -70,6 +70,27 @@ def test_sync_update_counts_on_the_decode_thread(tmp_path):
     on_thread = extras["distiller_forward"] + extras["projection_fusion"] + extras["update"]
     assert summary["extras_share"] == pytest.approx(on_thread / summary["cpu_step_ms_off"], rel=1e-3, abs=1e-5)
     assert summary["update_wait_ms_per_step"] is None and summary["updates"] == 6
+    situ = summary["in_situ_ms_per_step"]  # inline: prediction inside scores, the update inside launch
+    assert situ["worker"] == 0 and set(situ["parts"]) == {"before_prediction", "scores", "launch"}
+    assert situ["parts"]["launch"] > 0 and situ["decode_thread"] == pytest.approx(sum(situ["parts"].values()), abs=1e-3)
+
+
+def test_in_situ_costs_split_the_calls_by_thread_and_never_count_a_nested_call_twice(tmp_path):
+    records = [("scores", True, 0.003), ("predict", True, 0.001),  # an inline prediction, inside scores
+               ("launch", True, 0.0005), ("update", True, 0.002),  # an inline update, inside launch
+               ("predict", False, 0.0012), ("update", False, 0.004), ("before_prediction", True, 0.0001)]
+    costs = in_situ_costs(records, decode_steps=2)
+    assert costs["parts"] == {"scores": 1.5, "launch": 0.25, "worker_predict": 0.6, "worker_update": 2.0,
+                              "before_prediction": 0.05}
+    assert costs["decode_thread"] == pytest.approx(1.8) and costs["worker"] == pytest.approx(2.6)
+    summary = run_benchmark(config(write_tiny_model(tmp_path / "tiny"), "hf=false"))  # async: a CPU worker
+    situ = summary["in_situ_ms_per_step"]
+    assert {"worker_predict", "worker_update", "scores", "launch", "before_prediction"} == set(situ["parts"])
+    assert situ["worker"] > 0 and situ["decode_thread"] > 0  # the prediction ran on the worker, beside the forward
+    step = summary["cpu_step_ms_off"]
+    assert summary["extras_share_in_situ"] == pytest.approx(situ["decode_thread"] / step, rel=1e-2, abs=1e-5)
+    assert summary["cpu_time_ratio_in_situ"] == pytest.approx(step / (step + situ["decode_thread"] + situ["worker"]),
+                                                              rel=1e-3)
 
 
 def test_random_weights_of_a_shape_and_esamp_without_graphs():

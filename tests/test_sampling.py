@@ -1,4 +1,5 @@
 import math
+import dataclasses
 
 import pytest
 import torch
@@ -238,3 +239,18 @@ def test_the_fixed_candidate_space_keeps_everything_the_filters_keep(params):
     fixed = select_candidates(logits, params, exact=False)
     assert torch.equal(as_vocab_mask(fixed, 500), hf_candidates(logits, params))
     assert not fixed.partial and (fixed.size > params.max_candidates).all()
+
+
+def test_the_widening_space_narrows_to_a_power_of_two_that_holds_every_set_and_samples_the_same_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 1000) * 4
+    params = SamplingParams(min_p=0.1, max_candidates=64)
+    narrow = select_candidates(logits, params)
+    width, largest = narrow.keep.shape[-1], int(narrow.size.max())
+    assert width < 64 and width & (width - 1) == 0 and width // 2 < largest <= width
+    assert not narrow.partial  # nothing of C was cut: the set is exact
+    full = select_candidates(logits, dataclasses.replace(params, max_candidates=1000))  # the whole vocabulary
+    assert torch.equal(as_vocab_mask(narrow, 1000), as_vocab_mask(full, 1000))
+    uniform = torch.rand(8)
+    assert torch.equal(sample_from_candidates(narrow, narrow.logits, params, uniform),
+                       sample_from_candidates(full, full.logits, params, uniform))
