@@ -104,6 +104,11 @@ def _filter_sorted(sorted_logits: torch.Tensor, full_logits: torch.Tensor, param
     return keep
 
 
+def _reach(keep: torch.Tensor) -> int:
+    """How many leading columns of ``keep`` [rows, k] hold every kept candidate (one host read)."""
+    return int((keep * torch.arange(1, keep.shape[-1] + 1, device=keep.device)).amax())
+
+
 def fixed_space_size(params: SamplingParams, vocab: int) -> int:
     """Width of the configuration-sized candidate space (``select_candidates(exact=False)``)."""
     return min(vocab, params.top_k + TIE_ROOM) if params.top_k > 0 else vocab
@@ -125,13 +130,15 @@ def select_candidates(logits: torch.Tensor, params: SamplingParams, *, exact: bo
         k = fixed_space_size(params, vocab)
     top_logits, top_ids = torch.topk(logits, k, dim=-1)
     keep = _filter_sorted(top_logits, logits, params)
-    if not exact or k == vocab:
+    if not exact:
         return CandidateSet(token_ids=top_ids, logits=top_logits, keep=keep, partial=k < vocab)
     # One host read: how far into the space the widest row's set reaches (C is a prefix of each row).
-    used = int((keep * torch.arange(1, k + 1, device=keep.device)).amax())
-    if used == k:  # some row fills the space: C may go on past it
-        top_logits, top_ids = torch.topk(logits, vocab, dim=-1)
-        return CandidateSet(token_ids=top_ids, logits=top_logits, keep=_filter_sorted(top_logits, logits, params))
+    used = _reach(keep)
+    if used == k < vocab:  # some row fills the space: C may go on past it
+        k = vocab
+        top_logits, top_ids = torch.topk(logits, k, dim=-1)
+        keep = _filter_sorted(top_logits, logits, params)
+        used = _reach(keep)
     # Narrowed to the next power of two that holds every row's set: what follows (ESamp's projection of the
     # candidates, fusion, sampling) costs in proportion to the width, and the columns cut are outside C.
     width = min(k, 1 << max(used - 1, 0).bit_length())

@@ -145,12 +145,13 @@ def test_temperature_reshapes_the_sampled_distribution():
 
 
 def test_greedy_takes_argmax_of_fused_scores_within_candidates():
-    logits = torch.tensor([[3.0, 2.9, -5.0]])
+    logits = torch.tensor([[3.0, 2.9, 2.8, -5.0, -6.0]])
     params = SamplingParams(temperature=0.0, min_p=0.5)
-    cands = select_candidates(logits, params)
+    cands = select_candidates(logits, params)  # 3 candidates in a space of 4
+    assert cands.keep.tolist() == [[True, True, True, False]]
     scores = cands.logits.clone()
     scores[0, 1] = 10.0  # the fused score prefers the second candidate
-    scores[0, 2] = 100.0  # not a candidate: must be ignored
+    scores[0, 3] = 100.0  # not a candidate: must be ignored
     token = sample_from_candidates(cands, scores, params, torch.zeros(1))
     assert cands.token_ids[0, 1] == 1 and token.item() == 1
 
@@ -254,3 +255,7 @@ def test_the_widening_space_narrows_to_a_power_of_two_that_holds_every_set_and_s
     uniform = torch.rand(8)
     assert torch.equal(sample_from_candidates(narrow, narrow.logits, params, uniform),
                        sample_from_candidates(full, full.logits, params, uniform))
+    logits[3, :100] = 20.0  # one row keeps 100 tokens: the space widens to the vocabulary, then narrows to 128
+    widened = select_candidates(logits, params)
+    assert widened.keep.shape == (8, 128) and int(widened.size[3]) == 100 and not widened.partial
+    assert torch.equal(as_vocab_mask(widened, 1000), hf_candidates(logits, params))
