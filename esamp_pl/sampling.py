@@ -10,8 +10,9 @@ Every filter keeps the highest-logit tokens, so C is always a prefix of the toke
 LM's logits. The work therefore happens in a *candidate space*, the top tokens by logit:
 
 * widened on demand (``exact=True``, the eager engine and any CPU run): the top ``max_candidates``
-  first, the whole vocabulary for a step where C does not fit (one host read), and narrowed to the
-  next power of two that holds every row's C where it fits (ESamp's per-candidate work shrinks with it);
+  first; a row whose C fills it is searched again in a space ``WIDENING`` times wider, up to the whole
+  vocabulary (a full sort of one row costs as much as ~25 top-64 searches); then narrowed to the next
+  power of two that holds every row's C (ESamp's per-candidate work shrinks with it);
 * sized from the configuration (``exact=False``, fixed shapes for CUDA graphs, no host read):
   ``top_k + TIE_ROOM`` tokens when top-k bounds C, else the whole vocabulary (no other filter
   bounds C: a flat distribution keeps every token under min-p or top-p). Only more than
@@ -32,6 +33,8 @@ import torch
 
 TIE_ROOM = 64
 "slots beyond top_k in a configuration-sized candidate space, for tokens tied with the k-th logit"
+WIDENING = 16
+"the widening path searches the rows whose set fills the space again in a space this many times wider"
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,6 @@ def _filter_sorted(sorted_logits: torch.Tensor, full_logits: torch.Tensor, param
     return keep
 
 
-def _reach(keep: torch.Tensor) -> int:
-    """How many leading columns of ``keep`` [rows, k] hold every kept candidate (one host read)."""
-    return int((keep * torch.arange(1, keep.shape[-1] + 1, device=keep.device)).amax())
-
-
 def fixed_space_size(params: SamplingParams, vocab: int) -> int:
     """Width of the configuration-sized candidate space (``select_candidates(exact=False)``)."""
     return min(vocab, params.top_k + TIE_ROOM) if params.top_k > 0 else vocab
@@ -117,8 +115,9 @@ def fixed_space_size(params: SamplingParams, vocab: int) -> int:
 def select_candidates(logits: torch.Tensor, params: SamplingParams, *, exact: bool = True) -> CandidateSet:
     """Apply the filters to ``logits`` ([rows, vocab]) and return the candidate set.
 
-    ``exact=True`` widens the space to the vocabulary when some row fills it, and otherwise narrows it to
-    the next power of two that holds every row's set (one host read); nothing of C is ever cut;
+    ``exact=True`` searches the rows whose set fills the space again in a wider one (``WIDENING`` times, up
+    to the vocabulary; one host read per space tried), then narrows the space to the next power of two
+    that holds every row's set; nothing of C is ever cut;
     ``exact=False`` uses the space sized from the configuration (:func:`fixed_space_size`: fixed
     shapes, no host synchronisation).
     """
@@ -132,17 +131,39 @@ def select_candidates(logits: torch.Tensor, params: SamplingParams, *, exact: bo
     keep = _filter_sorted(top_logits, logits, params)
     if not exact:
         return CandidateSet(token_ids=top_ids, logits=top_logits, keep=keep, partial=k < vocab)
-    # One host read: how far into the space the widest row's set reaches (C is a prefix of each row).
-    used = _reach(keep)
-    if used == k < vocab:  # some row fills the space: C may go on past it
-        k = vocab
-        top_logits, top_ids = torch.topk(logits, k, dim=-1)
-        keep = _filter_sorted(top_logits, logits, params)
-        used = _reach(keep)
+    reach = _reach(keep)
+    widened: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    space = k
+    # One host read per space tried: does some row's set fill it (then it may go on past it)?
+    while (used := int(reach.max())) == space < vocab:
+        rows = (reach == space).nonzero().squeeze(1)  # only the rows that fill it are searched further
+        space = min(vocab, space * WIDENING)
+        row_logits, row_ids = torch.topk(logits[rows], space, dim=-1)
+        row_keep = _filter_sorted(row_logits, logits[rows], params)
+        widened.append((rows, row_logits, row_ids, row_keep))
+        reach = reach.clone()
+        reach[rows] = _reach(row_keep)
     # Narrowed to the next power of two that holds every row's set: what follows (ESamp's projection of the
     # candidates, fusion, sampling) costs in proportion to the width, and the columns cut are outside C.
-    width = min(k, 1 << max(used - 1, 0).bit_length())
-    return CandidateSet(token_ids=top_ids[:, :width], logits=top_logits[:, :width], keep=keep[:, :width])
+    width = min(space, 1 << max(used - 1, 0).bit_length())
+    token_ids, cand_logits, cand_keep = (_to_width(t, width) for t in (top_ids, top_logits, keep))
+    for rows, row_logits, row_ids, row_keep in widened:  # later (wider) searches overwrite earlier ones
+        token_ids[rows], cand_logits[rows], cand_keep[rows] = (_to_width(t, width) for t in (row_ids, row_logits,
+                                                                                           row_keep))
+    return CandidateSet(token_ids=token_ids, logits=cand_logits, keep=cand_keep)
+
+
+def _reach(keep: torch.Tensor) -> torch.Tensor:
+    """[rows]: how many leading columns of ``keep`` [rows, k] hold the row's kept candidates."""
+    return (keep * torch.arange(1, keep.shape[-1] + 1, device=keep.device)).amax(-1)
+
+
+def _to_width(values: torch.Tensor, width: int) -> torch.Tensor:
+    """``values`` [rows, k] cut or extended to ``width`` columns; added columns repeat the last one (a token
+    outside the row's set, with its own logit; ``keep`` False), so a row narrower than the space stays exact."""
+    if values.shape[-1] >= width:
+        return values[:, :width].clone()
+    return torch.cat([values, values[:, -1:].expand(-1, width - values.shape[-1])], dim=-1)
 
 
 def fuse(lm_logits: torch.Tensor, distiller_logits: torch.Tensor, beta: float) -> torch.Tensor:

@@ -259,3 +259,23 @@ def test_the_widening_space_narrows_to_a_power_of_two_that_holds_every_set_and_s
     widened = select_candidates(logits, params)
     assert widened.keep.shape == (8, 128) and int(widened.size[3]) == 100 and not widened.partial
     assert torch.equal(as_vocab_mask(widened, 1000), hf_candidates(logits, params))
+
+
+def test_widening_searches_only_the_rows_that_fill_the_space_and_only_as_wide_as_needed(monkeypatch):
+    torch.manual_seed(0)
+    logits = torch.randn(16, 50_000) * 4
+    logits[5, :300] = 30.0  # one row keeps 300 tokens under min-p: 64 -> 1024 is enough, no full sort
+    params = SamplingParams(min_p=0.1, max_candidates=64)
+    searches = []
+    topk = torch.topk
+
+    def spy(x, k, **kwargs):
+        searches.append((x.shape[0], k))
+        return topk(x, k, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", spy)
+    cands = select_candidates(logits, params)
+    assert searches == [(16, 64), (1, 1024)]
+    assert cands.keep.shape == (16, 512) and int(cands.size[5]) == 300
+    assert torch.equal(as_vocab_mask(cands, 50_000), hf_candidates(logits, params))
+    assert torch.equal(cands.logits, logits.gather(1, cands.token_ids))  # padding repeats real (token, logit) pairs
