@@ -264,8 +264,10 @@ def profile_extras(engine: DecodeLoop, settings: DecodeSettings, num_prompts: in
     candidates = select_candidates(logits, settings.sampling, exact=not engine.fixed_candidates)
     prediction = adapter.predict(source, for_update=False)
 
-    def project_and_fuse():
-        fuse(candidates.logits.float(), head.logits_at(prediction, candidates.token_ids).float(), esamp.beta)
+    def project_and_fuse():  # the projection the engine runs (the kept candidates only, on the widening path)
+        projected = (head.logits_at(prediction, candidates.token_ids) if engine.fixed_candidates
+                     else head.logits_in_set(prediction, candidates.token_ids, candidates.keep))
+        fuse(candidates.logits.float(), projected.float(), esamp.beta)
 
     def update():
         adapter.predict(source)

@@ -323,7 +323,8 @@ class DecodeLoop:
             return None
         return ESampStep(settings.esamp, settings.sampling, self.head, num_prompts=num_prompts,
                          samples_per_prompt=settings.n, max_steps=settings.max_new_tokens, seed=settings.seed,
-                         device=self.device, initial_state=initial_state, cuda_graphs=cuda_graphs)
+                         device=self.device, initial_state=initial_state, cuda_graphs=cuda_graphs,
+                         compact_projection=not self.fixed_candidates)
 
     def _stop_ids(self, settings: DecodeSettings) -> torch.Tensor:
         return self.stop_token_ids[:0] if settings.ignore_eos else self.stop_token_ids

@@ -87,14 +87,19 @@ class ESampStep:
 
     Rows are prompt-major (``samples_per_prompt`` per prompt). ``max_steps`` sizes the device
     buffers (loss curves, realised betas) so that a step writes into fixed memory; ``cuda_graphs``
-    asks for an updater whose update can be captured (CUDA).
+    asks for an updater whose update can be captured (CUDA); ``compact_projection`` projects the
+    Distiller's prediction on the kept candidates only (the widening candidate path; the scores
+    outside the candidate set are then not meaningful, and the sampler masks them).
     """
 
     def __init__(self, settings: ESampSettings, sampling: SamplingParams, head: OutputHead, *, num_prompts: int,
                  samples_per_prompt: int, max_steps: int, seed: int, device: torch.device,
-                 initial_state: dict[str, torch.Tensor] | None = None, cuda_graphs: bool = False) -> None:
+                 initial_state: dict[str, torch.Tensor] | None = None, cuda_graphs: bool = False,
+                 compact_projection: bool = False) -> None:
         self.settings = settings
         self.head = head
+        self.compact_projection = compact_projection
+        "project only the union of the kept candidates (OutputHead.logits_in_set; dynamic shapes: not for CUDA graphs)"
         self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         self.adapter: TestTimeAdapter | None = None
         self.updater = None
@@ -136,7 +141,8 @@ class ESampStep:
             return candidates.logits
         tilted = prediction_for_fusion(self.prediction, target, active, self.adapter.samples_per_prompt,
                                        settings.error)
-        distiller_logits = self.head.logits_at(tilted, candidates.token_ids).float()
+        distiller_logits = (self.head.logits_in_set(tilted, candidates.token_ids, candidates.keep)
+                            if self.compact_projection else self.head.logits_at(tilted, candidates.token_ids)).float()
         return fuse(candidates.logits.float(), distiller_logits, self._beta(candidates, distiller_logits, active))
 
     def _beta(self, candidates: CandidateSet, distiller_logits: torch.Tensor | None,

@@ -170,3 +170,22 @@ class OutputHead:
         if self.bias is not None:
             out = out + self.bias[token_ids]
         return self._finish(out)
+
+    def logits_in_set(self, hidden: torch.Tensor, token_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Logits of ``token_ids`` ([rows, k]) where ``keep`` ([rows, k] bool, column 0 always kept) holds,
+        for ``hidden`` [rows, d]; elsewhere the row's column-0 logit stands in (the caller masks it).
+
+        One dense product with the head rows of the union of every row's kept tokens, gathered back: rows
+        of one prompt keep mostly the same tokens, so the union is far smaller than rows * k (32 rows of
+        ~20 candidates share ~200 tokens), and no [rows, k, d] copy of head rows is built. Its size
+        depends on the values (``torch.unique``), so it is for the widening (exact) candidate path, not
+        for CUDA graphs.
+        """
+        wanted = torch.where(keep, token_ids, token_ids[:, :1])
+        union, position = torch.unique(wanted, return_inverse=True)
+        if union.numel() * 2 >= self.weight.shape[0]:
+            return self.logits(hidden).gather(1, wanted)
+        out = hidden.to(self.weight.dtype) @ self.weight.index_select(0, union).T  # [rows, |union|]
+        if self.bias is not None:
+            out = out + self.bias[union]
+        return self._finish(out.gather(1, position))

@@ -81,3 +81,27 @@ def test_logits_on_a_vocabulary_wide_candidate_set_use_the_dense_head(tiny_llama
     assert max(largest, default=0) < 4 * 256 * 64
     few = ids[:, :3]  # a small candidate set still takes only its rows of the head
     torch.testing.assert_close(head.logits_at(hidden, few), dense.gather(1, few), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_logits_in_the_set_project_only_the_union_of_the_kept_tokens(tiny_llama, monkeypatch):
+    head = OutputHead(tiny_llama)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 64, generator=gen)
+    shared = torch.randperm(256, generator=gen)[:12]  # rows of a prompt keep mostly the same tokens
+    ids = torch.stack([shared[torch.randperm(12, generator=gen)] for _ in range(6)])
+    keep = torch.arange(12).expand(6, 12) < torch.tensor([[3], [5], [12], [1], [7], [9]])
+    selected = []
+    original = torch.Tensor.index_select
+
+    def spy(tensor, *args, **kwargs):
+        out = original(tensor, *args, **kwargs)
+        selected.append(out.shape[0])
+        return out
+    monkeypatch.setattr(torch.Tensor, "index_select", spy)
+    out = head.logits_in_set(hidden, ids, keep)
+    dense = head.logits(hidden).gather(1, ids)
+    torch.testing.assert_close(out[keep], dense[keep], rtol=1e-5, atol=1e-5)  # the kept ones, as the dense head
+    assert selected == [torch.unique(ids[keep]).numel()] and selected[0] <= 12  # head rows of the union only
+    assert torch.isfinite(out).all()  # outside the set: a finite stand-in (the row's first candidate)
+    torch.testing.assert_close(out[~keep], dense[:, :1].expand(6, 12)[~keep], rtol=1e-5, atol=1e-5)
