@@ -116,6 +116,11 @@ def build_runtime(view: Any) -> tuple[VllmStateCapture, ESampRuntime]:
     if config.parallel_config.tensor_parallel_size > 1 or config.parallel_config.pipeline_parallel_size > 1:
         raise ValueError("the esamp_pl vLLM plugin runs with tensor_parallel_size=1 and pipeline_parallel_size=1 "
                          "(the Distiller's logits need the whole LM head on one worker)")
+    parallel = config.parallel_config
+    if getattr(parallel, "enable_dbo", False) or getattr(parallel, "decode_context_parallel_size", 1) > 1 \
+            or getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+        raise ValueError("the esamp_pl vLLM plugin needs one forward over the whole batch per step: turn off "
+                         "dual-batch overlap (enable_dbo) and decode/prefill context parallelism")
     model = view.model
     weight, bias, softcap, scale = _head_of(model)
     hf_config = config.model_config.hf_config
