@@ -163,6 +163,7 @@ def install() -> None:
     """Attach ESamp to every MRV2 runner this process creates (idempotent; a vLLM without MRV2: nothing)."""
     try:
         from vllm.v1.worker.gpu import model_runner
-    except ImportError:  # pragma: no cover - a vLLM without Model Runner V2
+    except Exception as error:  # pragma: no cover - a vLLM without MRV2, or one whose MRV2 cannot load here
+        log.debug("esamp_pl: no Model Runner V2 to attach to (%s)", error)
         return
     wrap_runner_class(model_runner.GPUModelRunner)
