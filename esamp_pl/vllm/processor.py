@@ -76,8 +76,8 @@ class ESampLogitsProcessor(*_RUNNER_INTERFACES):
     def validate_params(cls, sampling_params: VllmSamplingParams) -> None:
         options = request_options(sampling_params.extra_args)  # a bad key or value is a ValueError here
         if options is not None and _penalised(sampling_params):
-            raise ValueError("ESamp requests cannot use presence/frequency/repetition penalties (vLLM applies "
-                             "them after ESamp's draw); drop the penalties or the esamp_* keys")
+            raise ValueError("ESamp requests cannot use presence/frequency/repetition penalties (vLLM's V1 runner "
+                             "applies them after ESamp's draw); drop the penalties or the esamp_* keys")
 
     def __init__(self, vllm_config, *runner_args) -> None:
         self.mrv2 = LogitsProcRequestState is not None and len(runner_args) == 1 and isinstance(
