@@ -1,4 +1,4 @@
-"""ESamp inside vLLM: a plugin for vLLM's V1 engine (tested: vLLM 0.32, CPU build).
+"""ESamp inside vLLM: a plugin for vLLM's V1 engine (tested: vLLM 0.32, CPU build, V1 model runner).
 
 Install it next to vLLM (``scripts/install_vllm.sh``); vLLM then loads it through its entry points
 (:mod:`esamp_pl.vllm.plugin`). A request turns ESamp on with ``esamp_*`` keys in
@@ -6,8 +6,9 @@ Install it next to vLLM (``scripts/install_vllm.sh``); vLLM then loads it throug
 
 Layout: :mod:`options` (request and server settings), :mod:`groups` (the Distiller bank),
 :mod:`runtime` (the step, version-independent), :mod:`capture` (hooks into fixed buffers);
-the vLLM-version-specific parts are :mod:`v1_runner` (the model runner) and :mod:`processor`
-(the logits-processor interface); :mod:`offline` runs the project's configs through ``vllm.LLM``.
+the vLLM-version-specific parts are :mod:`v1_runner` and :mod:`mrv2_runner` (the two model
+runners of vLLM 0.32; the MRV2 one has never run on CUDA) and :mod:`processor` (both
+logits-processor interfaces); :mod:`offline` runs the project's configs through ``vllm.LLM``.
 """
 
 from __future__ import annotations

@@ -108,7 +108,8 @@ def _head_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
 
 def build_runtime(view: Any) -> tuple[VllmStateCapture, ESampRuntime]:
     """The capture hooks and the ESamp runtime for a loaded model; ``view`` is the runner adapter's view
-    (``v1_runner.RunnerView``: vllm_config, model, max_tokens), which binds them to its runner."""
+    (``v1_runner.RunnerView`` or ``mrv2_runner.Mrv2RunnerView``: vllm_config, model, max_tokens, speculative),
+    which binds them to its runner."""
     from esamp_pl.models import model_fingerprint
 
     config: Any = view.vllm_config
@@ -116,6 +117,14 @@ def build_runtime(view: Any) -> tuple[VllmStateCapture, ESampRuntime]:
     if config.parallel_config.tensor_parallel_size > 1 or config.parallel_config.pipeline_parallel_size > 1:
         raise ValueError("the esamp_pl vLLM plugin runs with tensor_parallel_size=1 and pipeline_parallel_size=1 "
                          "(the Distiller's logits need the whole LM head on one worker)")
+    if view.speculative():
+        raise ValueError("the esamp_pl vLLM plugin does not support speculative decoding (a request would sample "
+                         "several tokens per step from draft rows ESamp does not see); drop --speculative-config")
+    parallel = config.parallel_config
+    if getattr(parallel, "enable_dbo", False) or getattr(parallel, "decode_context_parallel_size", 1) > 1 \
+            or getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+        raise ValueError("the esamp_pl vLLM plugin needs one forward over the whole batch per step: turn off "
+                         "dual-batch overlap (enable_dbo) and decode/prefill context parallelism")
     model = view.model
     weight, bias, softcap, scale = _head_of(model)
     hf_config = config.model_config.hf_config

@@ -1,7 +1,8 @@
 """The entry points vLLM loads (see ``[project.entry-points]`` in pyproject.toml).
 
 * ``vllm.general_plugins`` -> :func:`register`, run in every vLLM process: attaches ESamp to the
-  model runner once it has loaded its model (:func:`esamp_pl.vllm.v1_runner.install`) and gives
+  model runner once it has loaded its model (:func:`esamp_pl.vllm.v1_runner.install` for the V1
+  runner, :func:`esamp_pl.vllm.mrv2_runner.install` for Model Runner V2) and gives
   vLLM's workers an ``esamp_stats`` method, reachable with ``LLM.collective_rpc("esamp_stats")``.
 * ``vllm.logits_processors`` -> :class:`esamp_pl.vllm.processor.ESampLogitsProcessor`, the step.
 * ``vllm.endpoint_plugins`` -> :class:`StatsEndpoint`: ``GET /esamp/stats`` on ``vllm serve``
@@ -17,9 +18,9 @@ STATS_METHOD = "esamp_stats"
 
 def worker_stats(_worker: Any = None) -> dict[str, Any]:
     """This worker's ESamp counters (Distiller updates, live and freed groups, loss curves of finished groups)."""
-    from esamp_pl.vllm import v1_runner
+    from esamp_pl.vllm import mrv2_runner, v1_runner
 
-    bound = v1_runner.binding()
+    bound = v1_runner.binding() or mrv2_runner.binding()
     return {"attached": False} if bound is None else {"attached": True, **bound.runtime.stats()}
 
 
@@ -27,9 +28,10 @@ def register() -> None:
     """vLLM general plugin: idempotent, safe to run in every process."""
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from esamp_pl.vllm import v1_runner
+    from esamp_pl.vllm import mrv2_runner, v1_runner
 
     v1_runner.install()
+    mrv2_runner.install()
     if not hasattr(WorkerBase, STATS_METHOD):
         setattr(WorkerBase, STATS_METHOD, worker_stats)
 

@@ -1,4 +1,4 @@
-"""vLLM-version-specific part 1 of 2: the V1 model runner (``vllm.v1.worker.gpu_model_runner``).
+"""vLLM-version-specific: the V1 model runner (``vllm.v1.worker.gpu_model_runner``).
 
 Tested on vLLM 0.32 (its CPU build falls back to this runner: "Model Runner V2 requires Triton").
 Everything the plugin needs from the runner goes through :class:`RunnerView`, so a vLLM release
@@ -11,9 +11,8 @@ that changes the runner changes this file only:
   own ``logits_indices`` without speculative decoding) and the number of tokens the row ran;
 * whether a request still exists (finished requests leave ``runner.requests``; preempted ones stay).
 
-Model Runner V2 (vLLM's default on CUDA) keeps its batch state elsewhere; it is not supported
-yet (``VLLM_USE_V2_MODEL_RUNNER=0`` selects this runner), and the logits processor says so when
-ESamp requests arrive instead of silently doing nothing.
+Model Runner V2 (vLLM's default on CUDA) keeps its batch state elsewhere: its adapter is
+:mod:`esamp_pl.vllm.mrv2_runner` (never run on CUDA); ``VLLM_USE_V2_MODEL_RUNNER=0`` selects this runner.
 """
 
 from __future__ import annotations

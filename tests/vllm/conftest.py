@@ -1,6 +1,8 @@
 """Fixtures for the vLLM plugin tests: one in-process ``vllm.LLM`` on the bundled SmolLM2 per session.
 
-These tests need vLLM (``scripts/install_vllm.sh``) and skip cleanly without it. vLLM runs in this
+These tests need vLLM (``scripts/install_vllm.sh``) and skip cleanly without it, unless
+``ESAMP_REQUIRE_VLLM=1`` (set by ``.ci/run`` in the vLLM venv): then a missing vLLM is an error, so a
+broken vLLM install cannot pass CI as skipped tests. vLLM runs in this
 process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the tests can read the plugin's state directly,
 on one core (``VLLM_CPU_OMP_THREADS_BIND``), with a small context and KV cache.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +20,14 @@ VLLM_MODULE = "vllm.sampling_params"
 "a module of the real vLLM: without vLLM, ``import vllm`` may find this test folder as a namespace package"
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model" / "smollm2-135m.yaml"
 PLUGIN_SETTINGS = {"record_steps": 4096}
+REQUIRE_VLLM = "ESAMP_REQUIRE_VLLM"
 
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "vllm: needs vLLM with the esamp_pl plugin (scripts/install_vllm.sh)")
+    if os.environ.get(REQUIRE_VLLM) == "1" and not vllm_available():
+        raise pytest.UsageError(f"{REQUIRE_VLLM}=1 but vLLM is not importable from {sys.executable}; "
+                                "run the tests with the venv of scripts/install_vllm.sh")
 
 
 def vllm_available() -> bool:
