@@ -577,17 +577,27 @@ def report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _point_shares(p: dict[str, Any]) -> tuple[float, float, float, float]:
+    """(extras ms on the decode thread, in all, and their shares of a step) of a point: ESamp's calls in situ
+    where measured (CPU), else the extras timed alone; NaN where neither is."""
+    situ = p.get("in_situ_ms_per_step")
+    if situ:
+        return (situ["decode_thread"], situ["decode_thread"] + situ["worker"], p["extras_share_in_situ"],
+                p["extras_share_total_in_situ"])
+    extras = p.get("extras_ms_per_step")
+    if not extras:
+        return (float("nan"),) * 4
+    total = sum(extras.get(k, 0.0) for k in ("distiller_forward", "projection_fusion", "update"))
+    return critical_extras_ms(extras, p["update_mode"]), total, p["extras_share"], p["extras_share_total"]
+
+
 def sweep_table(points: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> str:
     """One line per point: extras per step and their share, the CPU-time and wall ratios, updates performed."""
     lines = ["prompts x n   rows   step ms   extras ms (decode thread / all)   share % (decode / all)   "
-             "CPU-time ratio   wall ratio (paired)   updates"]
+             "CPU-time ratio   wall ratio (paired)   updates   (extras: in situ on a CPU, else timed alone)"]
     for p in points:
-        extras = p["extras_ms_per_step"] or {}
-        critical = critical_extras_ms(extras, p["update_mode"]) if extras else float("nan")
-        total = sum(extras.get(k, 0.0) for k in ("distiller_forward", "projection_fusion", "update"))
+        critical, total, share, share_total = _point_shares(p)
         step = p["cpu_step_ms_off"] if p["device"] == "cpu" else p["step_ms_off"]
-        share = p["extras_share"] if p["extras_share"] is not None else float("nan")
-        share_total = p["extras_share_total"] if p["extras_share_total"] is not None else float("nan")
         lines.append(f"{p['prompts']:>7} x {p['n']:<3} {p['rows']:>6} {step:>9.2f}   {critical:>8.3f} / {total:<8.3f}"
                      f"                 {100 * share:>6.3f} / {100 * share_total:<6.3f}          "
                      f"{p['cpu_time_ratio']:>6.4f}           {p['esamp_on_off_ratio_paired']:>6.4f}          "
@@ -608,15 +618,16 @@ def plot_sweep(points: list[dict[str, Any]], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [p["rows"] for p in points]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rows, [100 * (p["extras_share"] or 0) for p in points], "o-", label="extras on the decode thread")
-    ax.plot(rows, [100 * (p["extras_share_total"] or 0) for p in points], "s--", label="extras in all (update included)")
+    shares = [_point_shares(p) for p in points]
+    ax.plot(rows, [100 * s[2] for s in shares], "o-", label="ESamp on the decode thread")
+    ax.plot(rows, [100 * s[3] for s in shares], "s--", label="ESamp in all (the worker's update included)")
     ax.plot(rows, [100 * (1 - p["cpu_time_ratio"]) for p in points], "^:", label="measured: 1 - CPU-time ratio")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rows per step (prompts x n)")
     ax.set_ylabel("% of a decode step")
     ax.set_title(f"ESamp's cost, {points[0]['model']} on {points[0]['device']}, {points[0]['max_new_tokens']} tokens")
-    for p in points:
-        ax.annotate(f"{p['prompts']}x{p['n']}", (p["rows"], 100 * (p["extras_share_total"] or 0)),
+    for p, share in zip(points, shares):
+        ax.annotate(f"{p['prompts']}x{p['n']}", (p["rows"], 100 * share[3]),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
