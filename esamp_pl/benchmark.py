@@ -51,7 +51,7 @@ from esamp_pl.adapter import TestTimeAdapter
 from esamp_pl.async_update import ThreadUpdater
 from esamp_pl.decoding import build_engine
 from esamp_pl.decode_loop import DecodeLoop, DecodeSettings, left_pad
-from esamp_pl.esamp import ESampStep
+from esamp_pl.esamp import ESampStep, candidate_logits
 from esamp_pl.models import LoadedModel, ModelSpec, load_model, model_fingerprint, torch_dtype
 from esamp_pl.prompts import encode_prompts, load_prompts
 from esamp_pl.sampling import SamplingParams, fuse, select_candidates
@@ -264,9 +264,8 @@ def profile_extras(engine: DecodeLoop, settings: DecodeSettings, num_prompts: in
     candidates = select_candidates(logits, settings.sampling, exact=not engine.fixed_candidates)
     prediction = adapter.predict(source, for_update=False)
 
-    def project_and_fuse():  # the projection the engine runs (the kept candidates only, on the widening path)
-        projected = (head.logits_at(prediction, candidates.token_ids) if engine.fixed_candidates
-                     else head.logits_in_set(prediction, candidates.token_ids, candidates.keep))
+    def project_and_fuse():  # the projection the engine runs
+        projected = candidate_logits(head, prediction, candidates, compact=not engine.fixed_candidates)
         fuse(candidates.logits.float(), projected.float(), esamp.beta)
 
     def update():

@@ -141,8 +141,7 @@ class ESampStep:
             return candidates.logits
         tilted = prediction_for_fusion(self.prediction, target, active, self.adapter.samples_per_prompt,
                                        settings.error)
-        distiller_logits = (self.head.logits_in_set(tilted, candidates.token_ids, candidates.keep)
-                            if self.compact_projection else self.head.logits_at(tilted, candidates.token_ids)).float()
+        distiller_logits = candidate_logits(self.head, tilted, candidates, compact=self.compact_projection).float()
         return fuse(candidates.logits.float(), distiller_logits, self._beta(candidates, distiller_logits, active))
 
     def _beta(self, candidates: CandidateSet, distiller_logits: torch.Tensor | None,
@@ -219,6 +218,16 @@ class ESampStep:
     def kl_stats(self) -> KLBudgetStats | None:
         """Realised beta and KL (one host read), None without a KL budget."""
         return self.betas.stats() if self.betas is not None else None
+
+
+def candidate_logits(head: OutputHead, hidden: torch.Tensor, candidates: CandidateSet, *,
+                     compact: bool) -> torch.Tensor:
+    """The head's logits of ``hidden`` [rows, d] at the candidates ([rows, k]): with ``compact`` only the union of
+    the kept ones is projected (dynamic shapes: the widening path), else every candidate (fixed shapes: CUDA
+    graphs); outside the candidate set the values are not meaningful (the sampler masks them)."""
+    if compact:
+        return head.logits_in_set(hidden, candidates.token_ids, candidates.keep)
+    return head.logits_at(hidden, candidates.token_ids)
 
 
 def _init_generator(seed: int) -> torch.Generator:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from esamp_pl.vllm.runner_view import RunnerViewBase
 from esamp_pl.vllm.v1_runner import RunnerBinding
 
 log = logging.getLogger(__name__)
@@ -42,30 +43,13 @@ log = logging.getLogger(__name__)
 _BINDING: RunnerBinding | None = None
 
 
-class Mrv2RunnerView:
+class Mrv2RunnerView(RunnerViewBase):
     """What the plugin reads from an MRV2 ``GPUModelRunner`` (``vllm.v1.worker.gpu.model_runner``)."""
 
     def __init__(self, runner: Any) -> None:
-        self.runner = runner
+        super().__init__(runner)
         self.batch: Any = None
         "the ``InputBatch`` being sampled, set by the wrapped ``sample`` for the duration of the call"
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.runner.model
-
-    @property
-    def vllm_config(self) -> Any:
-        return self.runner.vllm_config
-
-    def speculative(self) -> bool:
-        return self.runner.speculative_config is not None
-
-    def max_tokens(self) -> int:
-        return int(self.runner.scheduler_config.max_num_batched_tokens)
-
-    def max_requests(self) -> int:
-        return int(self.runner.scheduler_config.max_num_seqs)
 
 
 def decode_rows(batch: Any, esamp_slots: Container[int]) -> list[tuple[int, str, int]]:

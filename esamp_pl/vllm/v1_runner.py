@@ -23,9 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from esamp_pl.vllm.capture import VllmStateCapture
+from esamp_pl.vllm.runner_view import RunnerViewBase
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +42,8 @@ def parse_child_id(request_id: str) -> tuple[str, int | None]:
     return match.group(2), int(match.group(1))
 
 
-class RunnerView:
+class RunnerView(RunnerViewBase):
     """What the plugin reads from a V1 ``GPUModelRunner`` (or its CPU subclass)."""
-
-    def __init__(self, runner: Any) -> None:
-        self.runner = runner
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.runner.model
-
-    @property
-    def vllm_config(self) -> Any:
-        return self.runner.vllm_config
 
     def request_ids(self, rows: int) -> list[str]:
         return self.runner.input_batch.req_ids[:rows]
@@ -66,17 +54,8 @@ class RunnerView:
         ends = starts[1:]
         return (ends - 1).tolist(), (ends - starts[:-1]).tolist()
 
-    def speculative(self) -> bool:
-        return self.runner.speculative_config is not None
-
     def request_exists(self, request_id: str) -> bool:
         return request_id in self.runner.requests
-
-    def max_tokens(self) -> int:
-        return int(self.runner.scheduler_config.max_num_batched_tokens)
-
-    def max_requests(self) -> int:
-        return int(self.runner.scheduler_config.max_num_seqs)
 
 
 @dataclass
