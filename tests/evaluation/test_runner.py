@@ -224,3 +224,18 @@ def test_bad_seeds_fail_before_loading(tmp_path, seeds):
     with pytest.raises(ValueError, match="eval.seeds must be null or a non-empty list of distinct integers"):
         run_evaluation(config(tmp_path / "no-model-here", tmp_path / "out", f"eval.seeds={seeds}"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONF) / "eval").glob("*.yaml")))
+def test_every_shipped_eval_config_builds_its_methods(tmp_path, name):
+    """A method name or sweep key mistyped in conf/eval/*.yaml fails here, not hours into a run."""
+    cfg = config(tmp_path / "no-model-here", tmp_path / "out", f"eval={name}")
+    methods = build_methods(cfg)
+    assert methods and len({m.name for m in methods}) == len(methods)
+    # every learning warm-start method of a budget sweep has its frozen twin: same settings, learn false
+    if name.startswith("creative_budget"):
+        for m in methods:
+            if m.esamp.get("enabled") and m.esamp.get("mode") == "esamp" and m.esamp.get("learn") \
+                    and m.esamp.get("init") == "warm":
+                twin = {**m.esamp, "learn": False}
+                assert any(o.esamp == twin and o.sampling == m.sampling for o in methods), f"{m.name} has no frozen twin"
