@@ -5,7 +5,10 @@ decode step t and row i of a prompt (spec, "Novelty signal"):
 
 * ``novelty = 1 - max cos(h_it, m)`` over the memory m of that prompt's target states at all earlier
   decode steps, all its rows (what its Distiller has been trained on; the prefill is not);
-* ``signal = ||h_it - f(s_it)||^2 / ||h_it||^2``, with the prediction made before this step's update.
+* ``signal = ||h_it - f(s_it)||^2 / ||h_it||^2``, with the prediction made before this step's update;
+* ``relative signal = ||e_it - mean_j e_jt||^2 / ||h_it||^2``, with ``e = h - f(s)`` and the mean over the
+  prompt's running rows: the error ``esamp.error=relative`` tilts along (what sample i does that its
+  siblings do not), reported beside the plain one as ``spearman_relative``.
 
 :class:`NoveltyProbe` is an engine observer (``DecodeEngine.generate(observer=...)``) that collects
 both for the running rows, plus KL(pi_new || pi_ref) and the mean |Δlogit| on the candidates. Its
@@ -86,6 +89,8 @@ class _PromptTrace:
     memory: list[torch.Tensor] = dataclasses.field(default_factory=list)
     "unit-norm target states of earlier decode steps, [rows, d] each"
     step_correlations: list[float] = dataclasses.field(default_factory=list)
+    relative_correlations: list[float] = dataclasses.field(default_factory=list)
+    "within-step Spearman of the relative signal and novelty"
     signals: list[torch.Tensor] = dataclasses.field(default_factory=list)
     novelties: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
@@ -106,7 +111,9 @@ class NoveltyProbe:
         active = obs.active.cpu()
         target = obs.target.float().cpu()
         prediction = obs.prediction.float().cpu()
-        signal = (target - prediction).pow(2).sum(-1) / target.pow(2).sum(-1).clamp(min=1e-30)
+        error = target - prediction
+        target_norm = target.pow(2).sum(-1).clamp(min=1e-30)
+        signal = error.pow(2).sum(-1) / target_norm
         usable = active & torch.isfinite(signal)
         unit = torch.nn.functional.normalize(target, dim=-1)
         for p, trace in enumerate(self.prompts):
@@ -124,6 +131,11 @@ class NoveltyProbe:
                 rho = spearman(step_signal, novelty)
                 if rho is not None:
                     trace.step_correlations.append(rho)
+                own = error[rows][keep]
+                relative = (own - own.mean(0)).pow(2).sum(-1) / target_norm[rows][keep]
+                rho_relative = spearman(relative, novelty)
+                if rho_relative is not None:
+                    trace.relative_correlations.append(rho_relative)
             trace.memory.append(states)
         self._record_tilt(obs, active)
 
@@ -141,8 +153,10 @@ class NoveltyProbe:
         out = []
         for trace in self.prompts:
             within = mean_and_se(trace.step_correlations)[0] if trace.step_correlations else None
+            relative = mean_and_se(trace.relative_correlations)[0] if trace.relative_correlations else None
             pooled = (spearman(torch.cat(trace.signals), torch.cat(trace.novelties)) if trace.signals else None)
-            out.append({"spearman": within, "spearman_pooled": pooled, "steps": len(trace.step_correlations),
+            out.append({"spearman": within, "spearman_relative": relative, "spearman_pooled": pooled,
+                        "steps": len(trace.step_correlations),
                         "row_steps": int(sum(s.numel() for s in trace.signals)),
                         "signal_mean": float(torch.cat(trace.signals).mean()) if trace.signals else None,
                         "novelty_mean": float(torch.cat(trace.novelties).mean()) if trace.novelties else None})
@@ -153,11 +167,14 @@ class NoveltyProbe:
         prompts = self.per_prompt()
         within = [p["spearman"] for p in prompts if p["spearman"] is not None]
         pooled = [p["spearman_pooled"] for p in prompts if p["spearman_pooled"] is not None]
+        relative = [p["spearman_relative"] for p in prompts if p["spearman_relative"] is not None]
         (rho, rho_se), (pooled_rho, pooled_se) = mean_and_se(within), mean_and_se(pooled)
+        relative_rho, relative_se = mean_and_se(relative)
         kl = torch.cat(self._kl) if self._kl else torch.zeros(0)
         dlogit = torch.cat(self._dlogit) if self._dlogit else torch.zeros(0)
         return {"spearman": rho, "spearman_se": rho_se, "spearman_pooled": pooled_rho,
-                "spearman_pooled_se": pooled_se, "prompts_counted": len(within),
+                "spearman_pooled_se": pooled_se, "spearman_relative": relative_rho,
+                "spearman_relative_se": relative_se, "prompts_counted": len(within),
                 "kl_per_step": float(kl.double().mean()) if kl.numel() else math.nan,
                 "abs_dlogit": float(dlogit.double().mean()) if dlogit.numel() else math.nan,
                 "per_prompt": prompts}
@@ -286,6 +303,8 @@ def _report(cfg: DictConfig, prompts: list[str], decode: DecodeSettings, variant
         for name, record in records.items():
             entry = {k: record[k] for k in ("spearman", "spearman_se", "spearman_pooled", "spearman_pooled_se",
                                             "kl_per_step", "abs_dlogit", "updates")}
+            # runs saved before the relative signal was measured lack it: shown as undefined
+            entry.update({k: record.get(k, math.nan) for k in ("spearman_relative", "spearman_relative_se")})
             entry.update({k: v for k, v in overrides.items() if v is not None})
             if reference is not None and name != "random":
                 entry["spearman_minus_random"], entry["spearman_minus_random_se"] = _paired(record, reference)
@@ -312,8 +331,9 @@ def _paired(record: dict, reference: dict) -> tuple[float, float]:
 
 def format_table(report: dict[str, Any]) -> str:
     """A Markdown table of the report."""
-    lines = ["| run | Spearman within step (± s.e.) | pooled (± s.e.) | vs random (paired s.e.) | "
-             "vs frozen twin (paired s.e.) | KL/step | mean abs Δlogit | updates |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | Spearman within step (± s.e.) | pooled (± s.e.) | relative signal, within step (± s.e.) | "
+             "vs random (paired s.e.) | vs frozen twin (paired s.e.) | KL/step | mean abs Δlogit | updates |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(value, se=None, digits=3):
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -325,7 +345,8 @@ def format_table(report: dict[str, Any]) -> str:
         vs = fmt(e.get("spearman_minus_random"), e.get("spearman_minus_random_se"), 2)
         vs_frozen = fmt(e.get("spearman_minus_frozen"), e.get("spearman_minus_frozen_se"), 2)
         lines.append(f"| {name} | {fmt(e['spearman'], e['spearman_se'], 2)} | "
-                     f"{fmt(e['spearman_pooled'], e['spearman_pooled_se'], 2)} | {vs} | {vs_frozen} | "
+                     f"{fmt(e['spearman_pooled'], e['spearman_pooled_se'], 2)} | "
+                     f"{fmt(e.get('spearman_relative'), e.get('spearman_relative_se'), 2)} | {vs} | {vs_frozen} | "
                      f"{fmt(e['kl_per_step'], None, 4)} | "
                      f"{fmt(e['abs_dlogit'])} | {e['updates']} |")
     return "\n".join(lines)

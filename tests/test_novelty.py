@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -64,6 +65,9 @@ def test_probe_novelty_memory_signal_and_tilt():
     torch.testing.assert_close(trace.novelties[0], torch.tensor([0.0, 1 - 1 / math.sqrt(2), 1.0]))
     torch.testing.assert_close(trace.signals[0], error[:3] ** 2)
     assert trace.step_correlations == [pytest.approx(1.0)]
+    # relative signal ||e_i - mean e||^2 / ||h_i||^2 (by hand: e_i = error_i * h_i, mean (0.1, 1/15, -0.1, 0)):
+    # 0.0144, 0.0189, 0.0544, in the order of the novelties
+    assert trace.relative_correlations == [pytest.approx(1.0)]
     assert len(trace.memory) == 2 and trace.memory[1].shape == (3, 4)  # the inactive row is not remembered
     summary = probe.summary()
     assert summary["spearman"] == pytest.approx(1.0) and summary["prompts_counted"] == 1
@@ -71,6 +75,32 @@ def test_probe_novelty_memory_signal_and_tilt():
     kl_step2 = candidate_kl(tilted[:1], torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([[True, True, False]]))
     assert summary["kl_per_step"] == pytest.approx(float(kl_step2) * 3 / 7)
     assert summary["abs_dlogit"] == pytest.approx(0.5 * 3 / 7)
+
+
+def test_relative_signal_is_the_error_minus_the_prompts_mean_error():
+    """Against a direct computation: 2 prompts x 5 rows, one row finished, random states."""
+    g = torch.Generator().manual_seed(3)
+    probe = NoveltyProbe(num_prompts=2, n=5)
+    first = torch.randn(10, 6, generator=g)
+    probe(observation(1, first, torch.zeros(10), torch.ones(10, dtype=torch.bool)))  # the memory
+    target, prediction = torch.randn(10, 6, generator=g), torch.randn(10, 6, generator=g)
+    active = torch.ones(10, dtype=torch.bool)
+    active[7] = False
+    step = observation(2, target, torch.zeros(10), active)
+    probe(dataclasses.replace(step, prediction=prediction))
+    for p in range(2):
+        rows = [r for r in range(5 * p, 5 * p + 5) if active[r]]
+        error = target[rows] - prediction[rows]
+        relative = (error - error.mean(0)).pow(2).sum(-1) / target[rows].pow(2).sum(-1)
+        unit = torch.nn.functional.normalize
+        memory = unit(first[5 * p:5 * p + 5], dim=-1)
+        novelty = 1 - (unit(target[rows], dim=-1) @ memory.T).max(-1).values
+        assert probe.prompts[p].relative_correlations == [pytest.approx(spearman(relative, novelty))]
+        plain = spearman(error.pow(2).sum(-1) / target[rows].pow(2).sum(-1), novelty)
+        assert probe.prompts[p].step_correlations == [pytest.approx(plain)]
+    summary = probe.summary()
+    per_prompt = [t.relative_correlations[0] for t in probe.prompts]
+    assert summary["spearman_relative"] == pytest.approx(sum(per_prompt) / 2)
 
 
 LOOP, CUE = 200, 5
