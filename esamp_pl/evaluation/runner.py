@@ -238,8 +238,8 @@ def _check_config(cfg: DictConfig) -> None:
         raise ValueError(f"eval.batch_prompts must be an integer >= 1, but is {cfg.eval.batch_prompts}")
     if cfg.eval.limit is not None and (not isinstance(cfg.eval.limit, int) or cfg.eval.limit < 1):
         raise ValueError(f"eval.limit must be a positive integer or null, but is {cfg.eval.limit}")
-    if not cfg.eval.methods:
-        raise ValueError("eval.methods is empty: name at least one method")
+    if not cfg.eval.methods and not cfg.eval.get("sweeps"):
+        raise ValueError("eval.methods and eval.sweeps are both empty: name at least one method")
     run_seeds(cfg)
     settings_lib.check_threads(cfg.get("threads"))
     check_engine(cfg.get("engine", "eager"))

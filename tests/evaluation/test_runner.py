@@ -169,6 +169,15 @@ def test_bad_method_config_fails_before_loading(tmp_path, override, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_needs_a_method_or_a_sweep(tmp_path):
+    cfg = config(tmp_path / "no-model-here", tmp_path / "out", "eval.methods=[]", "eval.sweeps=[]")
+    with pytest.raises(ValueError, match="eval.methods and eval.sweeps are both empty"):
+        run_evaluation(cfg)
+    sweeps_only = config(tmp_path / "no-model-here", tmp_path / "out", "eval.methods=[]",
+                         "eval.sweeps=[{method: min_p0.1, key: sampling.temperature, values: [0.7]}]")
+    assert [m.name for m in build_methods(sweeps_only)] == ["min_p0.1@T0.7"]
+
+
 def test_humaneval_without_bubblewrap_fails_before_loading(tmp_path, monkeypatch):
     from esamp_pl.evaluation import execution
 
