@@ -15,7 +15,8 @@ from typing import Any
 
 from esamp_pl.evaluation.plots import plot_all
 from esamp_pl.evaluation.results import RESULTS_FILE, current_records
-from esamp_pl.evaluation.stats import (MethodSummary, PairedDelta, TwinRow, frontier_comparison, pass_at_k_against,
+from esamp_pl.evaluation.stats import (MethodSummary, PairedDelta, TwinRow, frontier_comparison, pair_comparison,
+                                       pass_at_k_against,
                                        summarize, twin_comparison)
 
 __all__ = ["write_report"]
@@ -159,6 +160,11 @@ def write_report(out_dir: str | Path) -> Path:
         lines.append("")
     lines += ["## Fair comparison: diversity vs perplexity", ""] + _fair_comparison(summaries, reference) + [""]
     lines += ["## Against the frozen twin", ""] + _twin_section(summaries, reference)
+    pairs = [(str(a), str(b)) for a, b in (cfg.get("eval", {}).get("compare") or [])]
+    if pairs:
+        lines += ["## Chosen pairs (`eval.compare`)", "",
+                  "The first method minus the second, unit by unit, with the same columns as the twin tables.", ""]
+        lines += _twin_table(pair_comparison(summaries, pairs, reference), "minus") + [""]
     skipped = info.get("skipped") or {}
     missing = [m["name"] for m in info["methods"] if m["name"] not in {s.name for s in summaries}
                and m["name"] not in skipped]

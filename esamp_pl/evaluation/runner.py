@@ -257,6 +257,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     """
     _check_config(cfg)
     methods = build_methods(cfg)  # every method's settings validated before the model loads
+    check_compare_pairs(cfg, methods)
     model_spec = ModelSpec.from_config(cfg.model)
     SitePair(model_spec.sites)
     problems = load_task(cfg.eval.task, limit=cfg.eval.limit, seed=cfg.seed, prompts=cfg.eval.get("prompts"))
@@ -284,6 +285,18 @@ def run_evaluation(cfg: DictConfig) -> Path:
     if cfg.get("report", True):
         write_report(out_dir)
     return out_dir
+
+
+def check_compare_pairs(cfg: DictConfig, methods: list[Method]) -> None:
+    """``eval.compare``: pairs of this run's method names, whose paired differences the report adds."""
+    names = {m.name for m in methods}
+    for pair in cfg.eval.get("compare") or []:
+        if not (OmegaConf.is_list(pair) or isinstance(pair, (list, tuple))) or len(pair) != 2:
+            raise ValueError(f"eval.compare: every entry must be a pair [method, method], but one is {pair!r}")
+        unknown = [name for name in pair if name not in names]
+        if unknown:
+            raise ValueError(f"eval.compare: {unknown} not among this run's methods (eval.methods and the sweeps' "
+                             f"variants, e.g. esamp_random@kl0.1): {sorted(names)}")
 
 
 def _write_info(out_dir: Path, info: dict) -> None:
@@ -405,4 +418,4 @@ def _run_batch(cfg, engine, loaded, scorer, embedder, method: Method, key: str, 
 
 
 __all__ = ["Method", "build_methods", "decode_settings_for", "method_key", "read_records", "run_evaluation",
-           "record_unit", "run_seeds", "unit_id", "RESULTS_FILE", "RUN_INFO_FILE"]
+           "record_unit", "run_seeds", "unit_id", "check_compare_pairs", "RESULTS_FILE", "RUN_INFO_FILE"]

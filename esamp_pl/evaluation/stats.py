@@ -376,11 +376,30 @@ def _twin_row(s: MethodSummary, twin: MethodSummary | None, curve) -> TwinRow:
                    paired_delta(s.log_perplexity_per_problem, twin.log_perplexity_per_problem), residual)
 
 
+def _reference_curve(summaries: list[MethodSummary], reference: str):
+    """(perplexity, per-unit Vendi) of ``reference``'s points, or None with fewer than two."""
+    curve_methods = [s for s in summaries if s.family == reference]
+    return [(c.perplexity, c.vendi_per_problem) for c in curve_methods] if len(curve_methods) >= 2 else None
+
+
+def pair_comparison(summaries: list[MethodSummary], pairs: list[tuple[str, str]], reference: str) -> list[TwinRow]:
+    """``a`` minus ``b``, unit by unit, for each chosen pair (``eval.compare``), as the twin rows are; a pair with
+    a method that has no results yet gets a row without figures."""
+    curve = _reference_curve(summaries, reference)
+    by_name = {s.name: s for s in summaries}
+    rows = []
+    for a, b in pairs:
+        if a in by_name:
+            rows.append(_twin_row(by_name[a], by_name.get(b), curve))
+        else:
+            rows.append(TwinRow(a, None))
+    return rows
+
+
 def twin_comparison(summaries: list[MethodSummary], reference: str) -> tuple[list[TwinRow], list[TwinRow]]:
     """Rows against the frozen twin (every ESamp method that learns) and against random init (every
     ESamp method whose init is not random); the residual uses ``reference``'s curve when it has two points."""
-    curve_methods = [s for s in summaries if s.family == reference]
-    curve = [(c.perplexity, c.vendi_per_problem) for c in curve_methods] if len(curve_methods) >= 2 else None
+    curve = _reference_curve(summaries, reference)
     frozen = [_twin_row(s, frozen_twin(s, summaries), curve) for s in summaries if _learns(s)]
     random = [_twin_row(s, random_twin(s, summaries), curve) for s in summaries
               if s.init is not None and s.init != "random"]

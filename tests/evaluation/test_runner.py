@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from esamp_pl.evaluation.results import read_records
-from esamp_pl.evaluation.runner import build_methods, method_key, run_evaluation
+from esamp_pl.evaluation.runner import build_methods, check_compare_pairs, method_key, run_evaluation
 from tests.evaluation.conftest import usable_sandbox
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
@@ -158,6 +158,8 @@ def test_resume_key_follows_the_samples_not_the_speed(tmp_path):
     ("eval.sweeps=[{method: min_p0.1, key: temperature, values: [0.7]}]", "sampling.<field>"),
     ("eval.sweeps=[{method: min_p0.1, key: sampling.temperature, values: [1.0, 1.0]}]", "appear twice"),
     ("eval.batch_prompts=0", "eval.batch_prompts must be an integer >= 1"),
+    ("eval.compare=[[min_p0.1,esamp_nope]]", "eval.compare: \\['esamp_nope'\\] not among this run's methods"),
+    ("eval.compare=[[min_p0.1]]", "eval.compare: every entry must be a pair"),
     ("threads=0", "threads must be a positive integer"),
     ("engine=fast", "engine must be one of"),
     ("sandbox=docker", "sandbox must be one of"),
@@ -196,6 +198,7 @@ def test_seeds_pool_problem_seed_units_with_kl_budget_sweeps_and_resume(tiny_mod
                "eval.sweeps=[{method: esamp_random, key: esamp.kl_budget, values: [0.1]},"
                "{method: esamp_frozen, key: esamp.kl_budget, values: [0.1]}]"]
     single = run_evaluation(config(tiny_model_dir, tmp_path / "single", *methods, "report=false"))
+    methods.append("eval.compare=[[esamp_random@kl0.1,esamp_random]]")
     out = run_evaluation(config(tiny_model_dir, tmp_path / "pooled", *methods, "eval.seeds=[0]", "report=false"))
     results = out / "results.jsonl"
     first = results.read_text().splitlines()
@@ -225,6 +228,13 @@ def test_seeds_pool_problem_seed_units_with_kl_budget_sweeps_and_resume(tiny_mod
     assert "| `esamp_random` | `esamp_frozen` |" in report and "| `esamp_random@kl0.1` | `esamp_frozen@kl0.1` |" in report
     row = next(line for line in report.splitlines() if line.startswith("| `esamp_random@kl0.1` | 1.00 | KL 0.1 |"))
     assert row.split(" | ")[-1].strip(" |") != "-"  # realised beta / KL shown
+    # the chosen pair, against an independent computation of its paired Vendi difference
+    pair = next(line for line in report.splitlines() if line.startswith("| `esamp_random@kl0.1` | `esamp_random` |"))
+    assert report.index("## Chosen pairs") < report.index(pair)
+    vendi = {(r["method"], r["unit"]): r["diversity"]["vendi"] for r in records}
+    units = sorted({r["unit"] for r in records})
+    diffs = [vendi[("esamp_random@kl0.1", u)] - vendi[("esamp_random", u)] for u in units]
+    assert pair.split(" | ")[2].startswith(f"{sum(diffs) / len(diffs):+.3f} ± ")
     assert next(line for line in report.splitlines() if line.startswith("| `min_p0.1` | 1.00 |")).endswith("| - |")
 
 
@@ -241,6 +251,7 @@ def test_every_shipped_eval_config_builds_its_methods(tmp_path, name):
     cfg = config(tmp_path / "no-model-here", tmp_path / "out", f"eval={name}")
     methods = build_methods(cfg)
     assert methods and len({m.name for m in methods}) == len(methods)
+    check_compare_pairs(cfg, methods)  # eval.compare names only methods of the run
     # every learning warm-start method of a budget sweep has its frozen twin: same settings, learn false
     if name.startswith("creative_budget"):
         for m in methods:
