@@ -16,8 +16,7 @@ from typing import Any
 from esamp_pl.evaluation.plots import plot_all
 from esamp_pl.evaluation.results import RESULTS_FILE, current_records
 from esamp_pl.evaluation.stats import (MethodSummary, PairedDelta, TwinRow, frontier_comparison, pair_comparison,
-                                       pass_at_k_against,
-                                       summarize, twin_comparison)
+                                       pass_at_k_against, summarize, twin_comparison)
 
 __all__ = ["write_report"]
 

@@ -387,13 +387,7 @@ def pair_comparison(summaries: list[MethodSummary], pairs: list[tuple[str, str]]
     a method that has no results yet gets a row without figures."""
     curve = _reference_curve(summaries, reference)
     by_name = {s.name: s for s in summaries}
-    rows = []
-    for a, b in pairs:
-        if a in by_name:
-            rows.append(_twin_row(by_name[a], by_name.get(b), curve))
-        else:
-            rows.append(TwinRow(a, None))
-    return rows
+    return [_twin_row(by_name[a], by_name.get(b), curve) if a in by_name else TwinRow(a, None) for a, b in pairs]
 
 
 def twin_comparison(summaries: list[MethodSummary], reference: str) -> tuple[list[TwinRow], list[TwinRow]]:
