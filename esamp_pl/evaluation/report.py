@@ -35,12 +35,15 @@ def _table(summaries: list[MethodSummary], graded: bool) -> list[str]:
         "Vendi ↑", "mean cos ↓", "distinct-2 ↑", "ppl ↓ (geo)", "ppl median", "tokens/sample", "tok/s",
         "Distiller rel. err step 1 → last", "realised beta / KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # Where the run's Distillers differ in width (a method's `distiller` overrides), the init says which.
+    show_rank = len({s.distiller.get("rank") for s in summaries if s.init is not None}) > 1
     for s in summaries:
+        init = f"{s.init} r{s.distiller.get('rank')}" if show_rank and s.init is not None else s.init or "-"
         err = (f"{s.relative_error_first:.3f} → {s.relative_error_last:.3f}"
                if math.isfinite(s.relative_error_first) else "-")
         budget = s.esamp.get("kl_budget") if s.beta is not None else None
         beta = f"KL {budget:g}" if budget is not None else _fmt(s.beta, 2)  # a budget decides beta per row
-        row = [f"`{s.name}`", _fmt(s.temperature, 2), beta, s.init or "-", str(s.problems)]
+        row = [f"`{s.name}`", _fmt(s.temperature, 2), beta, init, str(s.problems)]
         row += [_fmt(s.pass_at_k.get(k)) for k in ks]
         row += [f"{_fmt(s.vendi)} ± {_fmt(s.vendi_se)}", _fmt(s.mean_cosine), _fmt(s.distinct_2),
                 _fmt(s.perplexity, 2), _fmt(s.perplexity_median, 2), _fmt(s.tokens_per_sample, 1),

@@ -1,7 +1,7 @@
 """``scripts/evaluate.py``: one task, several sampling methods, the same problems, seeds and n.
 
-A *method* is a named set of overrides of the ``sampling`` and ``esamp`` config groups (the
-``methods`` catalogue in ``conf/evaluate.yaml``); ``eval.sweeps`` adds variants of a method with one
+A *method* is a named set of overrides of the ``sampling`` and ``esamp`` config groups, and for
+ESamp methods of the ``distiller`` group (the ``methods`` catalogue in ``conf/evaluate.yaml``); ``eval.sweeps`` adds variants of a method with one
 key changed (``min_p0.1@T0.7``, ``esamp_random@beta0.1``), so each method *family* draws a
 diversity-vs-perplexity curve instead of a single point.
 
@@ -56,7 +56,7 @@ _CONF_DIR = resources.CONF_DIR
 
 @dataclass(frozen=True)
 class Method:
-    """One sampling method of an evaluation: overrides of the ``sampling`` and ``esamp`` groups."""
+    """One sampling method of an evaluation: overrides of the ``sampling``, ``esamp`` and ``distiller`` groups."""
 
     name: str
     "unique name, e.g. ``min_p0.1`` or ``min_p0.1@T0.7``"
@@ -66,6 +66,8 @@ class Method:
     "the full sampling settings (base group merged with the method's overrides)"
     esamp: dict
     "the full esamp settings (``enabled: false`` = plain sampling)"
+    distiller: dict
+    "the full Distiller settings (the run's ``distiller`` group merged with the method's overrides, e.g. its rank)"
 
     @property
     def uses_esamp(self) -> bool:
@@ -88,22 +90,24 @@ def build_methods(cfg: DictConfig) -> list[Method]:
     catalogue = cfg.get("methods") or {}
     base_sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
     base_esamp = OmegaConf.to_container(cfg.esamp, resolve=True)
+    base_distiller = OmegaConf.to_container(cfg.distiller, resolve=True)
 
     def resolve(name: str) -> dict:
         if name not in catalogue:
             raise ValueError(f"unknown method {name!r} in eval.methods/eval.sweeps; defined methods: "
                              f"{sorted(catalogue)} (add one under `methods:` in conf/evaluate.yaml)")
         entry = OmegaConf.to_container(catalogue[name], resolve=True) or {}
-        unknown = sorted(set(entry) - {"sampling", "esamp"})
+        unknown = sorted(set(entry) - {"sampling", "esamp", "distiller"})
         if unknown:
-            raise ValueError(f"method {name!r} may only override `sampling` and `esamp`, not {unknown}")
+            raise ValueError(f"method {name!r} may only override `sampling`, `esamp` and `distiller`, not {unknown}")
         return {"sampling": {**base_sampling, **(entry.get("sampling") or {})},
-                "esamp": {**base_esamp, **(entry.get("esamp") or {})}}
+                "esamp": {**base_esamp, **(entry.get("esamp") or {})},
+                "distiller": {**base_distiller, **(entry.get("distiller") or {})}}
 
     methods: list[Method] = []
     for name in cfg.eval.methods:
         groups = resolve(name)
-        methods.append(Method(name, name, groups["sampling"], groups["esamp"]))
+        methods.append(Method(name, name, groups["sampling"], groups["esamp"], groups["distiller"]))
     for sweep in cfg.eval.get("sweeps") or []:
         family, key = sweep.get("method"), sweep.get("key", "")
         group, _, field = str(key).partition(".")
@@ -114,7 +118,7 @@ def build_methods(cfg: DictConfig) -> list[Method]:
             groups = resolve(family)
             groups[group] = {**groups[group], field: value}
             methods.append(Method(f"{family}@{label}{_number_label(value)}", family, groups["sampling"],
-                                  groups["esamp"]))
+                                  groups["esamp"], groups["distiller"]))
     names = [m.name for m in methods]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -130,7 +134,7 @@ def build_methods(cfg: DictConfig) -> list[Method]:
 def decode_settings_for(cfg: DictConfig, method: Method, hidden_size: int | None = None) -> DecodeSettings:
     """The engine settings of one method (``seed`` is the run's; the runner adds the batch index)."""
     settings_lib.esamp_init(method.esamp)
-    esamp = settings_lib.esamp_settings(method.esamp, cfg.distiller) if method.uses_esamp else None
+    esamp = settings_lib.esamp_settings(method.esamp, method.distiller) if method.uses_esamp else None
     decode = DecodeSettings(n=cfg.n, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed,
                             sampling=settings_lib.sampling_params(method.sampling), esamp=esamp)
     return settings_lib.with_hidden_size(decode, hidden_size) if hidden_size else decode
@@ -155,8 +159,7 @@ def method_key(cfg: DictConfig, method: Method) -> str:
                        "n": cfg.n, "seed": seed, "max_new_tokens": cfg.eval.max_new_tokens,
                        "batch_prompts": cfg.eval.batch_prompts, "sampling": method.sampling,
                        "esamp": esamp if method.uses_esamp else {"enabled": False},
-                       "distiller": OmegaConf.to_container(cfg.distiller, resolve=True) if method.uses_esamp
-                       else None, "scorer": cfg.scorer, **_scoring_settings(cfg)}, sort_keys=True, default=str)
+                       "distiller": method.distiller if method.uses_esamp else None, "scorer": cfg.scorer, **_scoring_settings(cfg)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

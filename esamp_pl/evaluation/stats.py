@@ -78,6 +78,8 @@ class MethodSummary:
     "the method's full sampling settings (from run_info.json)"
     esamp: dict = field(default_factory=dict)
     "the method's full esamp settings (from run_info.json)"
+    distiller: dict = field(default_factory=dict)
+    "the method's Distiller settings (from run_info.json; empty in runs older than per-method Distillers)"
 
 
 def standard_error(values) -> float:
@@ -113,7 +115,8 @@ def summarize(info: dict, problem_records: list[dict],
         esamp_on = m["esamp"].get("enabled", True)
         s = MethodSummary(name=m["name"], family=m["family"], temperature=float(m["sampling"]["temperature"]),
                           beta=float(m["esamp"].get("beta", 0.25)) if esamp_on else None, init=_init(m),
-                          problems=len(records), sampling=dict(m["sampling"]), esamp=dict(m["esamp"]))
+                          problems=len(records), sampling=dict(m["sampling"]), esamp=dict(m["esamp"]),
+                          distiller=dict(m.get("distiller") or {}))
         if records and records[0].get("num_correct") is not None:
             s.num_correct_per_problem = [int(r["num_correct"]) for r in records]
             s.pass_at_k = pass_at_k_curve(s.num_correct_per_problem, n)
@@ -310,17 +313,21 @@ def _learns(s: MethodSummary) -> bool:
     return s.init is not None and bool(s.esamp.get("learn", True))
 
 
-def _settings(s: MethodSummary, *, drop: tuple[str, ...]) -> tuple[str, str]:
-    """A method's sampling and esamp settings as comparable text, without the ``drop`` keys."""
+def _settings(s: MethodSummary, *, drop: tuple[str, ...]) -> tuple[str, str, str]:
+    """A method's sampling, esamp and Distiller settings as comparable text, without the ``drop`` esamp keys."""
     esamp = {k: v for k, v in s.esamp.items() if k not in SAMPLE_NEUTRAL_ESAMP_KEYS + drop}
-    return repr(sorted(s.sampling.items())), repr(sorted(esamp.items()))
+    return repr(sorted(s.sampling.items())), repr(sorted(esamp.items())), repr(sorted(s.distiller.items()))
+
+
+# A Distiller that never learns has no update cadence: a frozen twin matches whatever esamp.update_every says.
+_FROZEN_KEYS = ("learn", "update_every")
 
 
 def frozen_twin(method: MethodSummary, summaries: list[MethodSummary]) -> MethodSummary | None:
     """The method with the same settings except ``esamp.learn=false`` (None when not run)."""
-    target = _settings(method, drop=("learn",))
+    target = _settings(method, drop=_FROZEN_KEYS)
     return next((s for s in summaries if s.init is not None and not _learns(s)
-                 and _settings(s, drop=("learn",)) == target), None)
+                 and _settings(s, drop=_FROZEN_KEYS) == target), None)
 
 
 _INIT_KEYS = ("init", "warm_start", "warm_start_path")

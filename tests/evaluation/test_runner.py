@@ -152,6 +152,37 @@ def test_resume_key_follows_the_samples_not_the_speed(tmp_path):
     assert key("perplexity=false") != base and key("embedder=/some/other/embedder") != base  # other metrics
 
 
+def test_a_method_may_set_its_own_distiller(tmp_path):
+    """A catalogue entry's `distiller` overrides reach its decode settings and resume key, and only its own."""
+    from esamp_pl.evaluation.runner import decode_settings_for
+
+    cfg = config(tmp_path, tmp_path / "out", "eval.methods=[esamp_random,esamp_random_r384,min_p0.1]", "eval.sweeps=[]")
+    base, wide, plain = build_methods(cfg)
+    assert base.distiller["rank"] == 64 and wide.distiller == {**base.distiller, "rank": 384}
+    assert decode_settings_for(cfg, wide).esamp.adapter.distiller.rank == 384
+    assert decode_settings_for(cfg, base).esamp.adapter.distiller.rank == 64
+    assert method_key(cfg, wide) != method_key(cfg, base)
+    # the run's own distiller group still applies to methods that do not override it
+    narrow = config(tmp_path, tmp_path / "out", "eval.methods=[esamp_random,esamp_random_r384]", "eval.sweeps=[]",
+                    "distiller.rank=32")
+    assert [m.distiller["rank"] for m in build_methods(narrow)] == [32, 384]
+    with pytest.raises(ValueError, match="may only override `sampling`, `esamp` and `distiller`, not \\['model'\\]"):
+        build_methods(config(tmp_path, tmp_path / "out", "eval.methods=[bad]", "eval.sweeps=[]",
+                             "+methods.bad={model: {name: x}}"))
+
+
+def test_methods_of_two_distiller_widths_run_side_by_side(tiny_model_dir, tmp_path):
+    out = run_evaluation(config(tiny_model_dir, tmp_path / "out", "eval.methods=[esamp_random,esamp_frozen_r384]",
+                                "eval.sweeps=[]", "eval.limit=1", "methods.esamp_frozen_r384.distiller.rank=16"))
+    batches = {r["method"]: r for r in read_records(out / "results.jsonl") if r["kind"] == "batch"}
+    assert batches["esamp_random"]["distiller_updates"] > 0 and batches["esamp_frozen_r384"]["distiller_updates"] == 0
+    info = json.loads((out / "run_info.json").read_text())
+    assert [m["distiller"]["rank"] for m in info["methods"]] == [64, 16]
+    report = (out / "report.md").read_text()
+    assert "| `esamp_random` | 1.00 | 0.25 | random r64 |" in report
+    assert "| `esamp_frozen_r384` | 1.00 | 0.25 | random r16 |" in report
+
+
 @pytest.mark.parametrize("override, message", [
     ("eval.methods=[temp1.0,nucleus]", "unknown method 'nucleus'"),
     ("eval.sweeps=[{method: min_p0.1, key: sampling.min_p, values: [1.5]}]", "min_p0.1@min_p1.5.*min_p has to be"),
@@ -257,5 +288,6 @@ def test_every_shipped_eval_config_builds_its_methods(tmp_path, name):
         for m in methods:
             if m.esamp.get("enabled") and m.esamp.get("mode") == "esamp" and m.esamp.get("learn") \
                     and m.esamp.get("init") == "warm":
-                twin = {**m.esamp, "learn": False}
-                assert any(o.esamp == twin and o.sampling == m.sampling for o in methods), f"{m.name} has no frozen twin"
+                twin = {**m.esamp, "learn": False, "update_every": 1}  # a frozen Distiller has no cadence
+                assert any({**o.esamp, "update_every": 1} == twin and o.sampling == m.sampling
+                           and o.distiller == m.distiller for o in methods), f"{m.name} has no frozen twin"

@@ -125,3 +125,28 @@ def test_twins_are_found_by_settings_with_paired_errors_by_hand():
     (vs_random,) = random
     assert vs_random.name == "warm" and vs_random.twin == "a"  # same settings, random init
     assert vs_random.vendi.mean == pytest.approx(1.0) and (vs_random.vendi.wins, vs_random.vendi.losses) == (2, 0)  # 1, 0, 2
+
+
+def test_twins_match_the_distiller_width_and_ignore_a_frozen_cadence():
+    """A rank-384 learner's twins are rank 384; a frozen Distiller has no update cadence to match."""
+    from dataclasses import replace
+
+    from esamp_pl.evaluation.stats import frozen_twin, random_twin
+
+    vendis, ppls = [3.0, 4.0], [10.0, 20.0]
+    r64, r384 = {"rank": 64, "num_blocks": 1}, {"rank": 384, "num_blocks": 1}
+    made = lambda name, esamp, width: replace(_summary(name, esamp, vendis, ppls), distiller=width)
+    frozen64 = made("frozen64", {**ESAMP, "learn": False}, r64)
+    frozen384 = made("frozen384", {**ESAMP, "learn": False}, r384)
+    random64 = made("random64", ESAMP, r64)
+    random384 = made("random384", ESAMP, r384)
+    warm384 = made("warm384", {**ESAMP, "init": "warm"}, r384)
+    every4 = made("every4", {**ESAMP, "update_every": 4}, r64)
+    frozen64_every1 = made("frozen64_every1", {**ESAMP, "learn": False, "update_every": 1}, r64)
+    summaries = [frozen64, frozen384, random64, random384, warm384, every4, frozen64_every1]
+    assert frozen_twin(random384, summaries) is frozen384 and frozen_twin(random64, summaries) is frozen64
+    assert random_twin(warm384, summaries) is random384
+    assert frozen_twin(every4, summaries) in (frozen64, frozen64_every1)
+    assert frozen_twin(warm384, summaries) is None  # no frozen warm start run
+    # a learner whose cadence differs is not another learner's random twin
+    assert random_twin(made("warm_every4", {**ESAMP, "init": "warm", "update_every": 4}, r64), summaries) is every4
