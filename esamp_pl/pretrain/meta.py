@@ -429,12 +429,12 @@ def run_meta_pretraining(cfg, *, callbacks=(), load: Callable[[], Any] | None = 
     from functools import partial
 
     from lightning.pytorch import seed_everything
-    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     from esamp_pl import settings as settings_lib
     from esamp_pl.models import ModelSpec, load_model
-    from esamp_pl.pretrain.run import check_hardware, extract_device
+    from esamp_pl.pretrain.run import StepOnExceptionCheckpoint, check_hardware, extract_device, resume_checkpoint
 
     model_spec = ModelSpec.from_config(cfg.model)
     sites = SitePair(model_spec.sites)
@@ -459,12 +459,9 @@ def run_meta_pretraining(cfg, *, callbacks=(), load: Callable[[], Any] | None = 
         cfg.trainer, default_root_dir=str(run_dir), logger=CSVLogger(str(run_dir), name="logs"),
         callbacks=[ModelCheckpoint(dirpath=str(lightning_dir), save_last=True, save_top_k=0,
                                    every_n_train_steps=cfg.checkpoint_every),
-                   OnExceptionCheckpoint(dirpath=str(lightning_dir), filename="last"), *callbacks])
+                   StepOnExceptionCheckpoint(dirpath=str(lightning_dir), filename="last"), *callbacks])
     last = lightning_dir / "last.ckpt"
-    if last.is_file() and not cfg.resume:
-        log.info("resume=false: starting afresh, removing %s", last)
-        last.unlink()
-    resume = str(last) if last.is_file() else None
+    resume = resume_checkpoint(last, cfg.resume)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*ckpt_path.*")
         # The checkpoint holds the init after the meta step, which is what resuming needs.

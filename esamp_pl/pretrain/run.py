@@ -119,8 +119,21 @@ def prepare_pairs(load: Callable[[], LoadedModel], data: DataSpec, sites: SitePa
     return cache
 
 
-class KeptOnExceptionCheckpoint(OnExceptionCheckpoint):
-    """Lightning's on-exception checkpoint, minus its teardown, which deletes the file after a clean run.
+class StepOnExceptionCheckpoint(OnExceptionCheckpoint):
+    """Lightning's on-exception checkpoint, written only once a training step has been taken.
+
+    A run stopped while it still prepares its data (a corpus, episodes) has no training state yet: the
+    module's Distiller is built in ``setup``. Saved then, the checkpoint would hold no weights, and
+    the next run would fail to resume from it instead of starting afresh.
+    """
+
+    def on_exception(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step > 0:
+            super().on_exception(trainer, *args, **kwargs)
+
+
+class KeptOnExceptionCheckpoint(StepOnExceptionCheckpoint):
+    """The on-exception checkpoint, minus Lightning's teardown, which deletes the file after a clean run.
 
     It writes the same ``last.ckpt`` as the periodic checkpoint; keeping it lets a completed run be
     continued with a larger ``trainer.max_steps``, and an identical re-run reuse it instead of retraining.
@@ -151,15 +164,32 @@ def export_path(cfg: DictConfig, run_dir: Path, model_name: str, sites: str, spe
     return path
 
 
-def check_resume_checkpoint(last: Path) -> None:
-    """A torn ``last.ckpt`` (killed while writing) named with its path and the way out, before training."""
+def resume_checkpoint(last: Path, resume: bool) -> str | None:
+    """The ``last.ckpt`` to resume from, or None to start afresh.
+
+    ``resume=false`` removes it. A torn one (killed while writing) is named with its path and the way
+    out, before training. One saved before the first step (by an earlier version, when a run stopped
+    while preparing its data) holds no training state: it is removed, and the run starts afresh.
+    """
+    if not last.is_file():
+        return None
+    if not resume:
+        log.info("resume=false: starting afresh, removing %s", last)
+        last.unlink()
+        return None
     try:
-        torch.load(last, map_location="cpu", weights_only=True)
+        state = torch.load(last, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a short or garbled file
         raise ConfigError(f"the resume checkpoint {last} cannot be read ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); it is probably torn (the run "
                           "was killed while writing it). Fix: run again with resume=false to start afresh, or delete "
                           "it") from err
+    if not state.get("global_step"):
+        log.info("%s was saved before the first training step (nothing to resume): starting afresh", last)
+        last.unlink()
+        return None
+    log.info("resuming from %s", last)
+    return str(last)
 
 
 @contextmanager
@@ -221,13 +251,7 @@ def _train_and_export(cfg: DictConfig, callbacks: Sequence[Callback], load: Call
                    KeptOnExceptionCheckpoint(dirpath=str(lightning_dir), filename="last"), PairThroughput(),
                    *callbacks])
     last = lightning_dir / "last.ckpt"
-    if last.is_file() and not cfg.resume:
-        log.info("resume=false: starting afresh, removing %s", last)
-        last.unlink()
-    resume = str(last) if last.is_file() else None
-    if resume:
-        check_resume_checkpoint(last)
-        log.info("resuming from %s", resume)
+    resume = resume_checkpoint(last, cfg.resume)
     hint = f"{last} keeps it; run the same command again to resume"
     try:
         with warnings.catch_warnings(), lightning_handles_sigterm():

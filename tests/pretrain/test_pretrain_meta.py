@@ -90,6 +90,24 @@ def test_an_interrupted_run_resumes_to_the_same_init(tiny_model_dir, tmp_path, c
         torch.testing.assert_close(state[name], straight[name], rtol=0, atol=0)
 
 
+def test_a_run_stopped_before_its_first_step_leaves_nothing_to_resume(tiny_model_dir, tmp_path, cache_env):
+    """Killed while answering its prompts, a run saves no checkpoint; a stale weightless one is set aside."""
+    def crash():
+        raise RuntimeError("simulated crash while generating the episodes")
+
+    cfg = meta_config(tiny_model_dir, tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash while generating"):
+        run_meta_pretraining(cfg, load=crash)
+    last = tmp_path / "run" / "lightning" / "last.ckpt"
+    assert not last.exists()
+    # what an earlier version left in that case: a checkpoint of step 0 without the Distiller's weights
+    last.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": 0, "state_dict": {}, "optimizer_states": []}, last)
+    first = FirstStep()
+    state, meta = load_checkpoint(run_meta_pretraining(cfg, callbacks=[first]))
+    assert meta.steps == 4 and first.first == 0
+
+
 def test_bad_episode_settings_name_the_fix():
     with pytest.raises(ValueError, match="episodes.val_prompts \\(8\\) must be below episodes.num_prompts \\(8\\)"):
         EpisodeSpec(num_prompts=8, val_prompts=8)
