@@ -52,6 +52,8 @@ class DataSpec:
     "self_generated: .json (groups of templates x subjects) or .txt (one prompt a line); null: bundled set"
     num_prompts: int = 256
     "self_generated: seed prompts answered"
+    samples_per_prompt: int = 1
+    "self_generated: answers sampled per prompt (several: the sibling states ESamp sees at generation)"
     max_new_tokens: int = 192
     "self_generated: tokens generated per answer"
     generation_batch_size: int = 32
@@ -89,7 +91,8 @@ class DataSpec:
         if self.text_sample_by not in ("paragraph", "line", "document"):
             raise ValueError(f"data.text_sample_by must be paragraph, line or document, "
                              f"but is {self.text_sample_by!r}")
-        for name in ("num_prompts", "max_new_tokens", "generation_batch_size", "window", "max_val_rows",
+        for name in ("num_prompts", "samples_per_prompt", "max_new_tokens", "generation_batch_size", "window",
+                     "max_val_rows",
                      "batch_size", "extract_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

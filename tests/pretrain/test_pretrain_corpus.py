@@ -140,3 +140,26 @@ def test_self_generated_corpus_is_cached(tiny_model_dir, cache_env):
     assert selfgen.self_generated_documents(loaded, spec) == docs  # read back, not regenerated
     assert len(list((cache_env / "corpora").rglob("*.jsonl"))) == 1
     assert torch.is_tensor(pack_documents(loaded.tokenizer, docs, DataSpec(window=4)).input_ids)
+
+
+def test_several_answers_per_prompt_are_siblings_under_their_own_cache_key(tiny_model_dir, cache_env):
+    from esamp_pl.models import ModelSpec, load_model
+    from esamp_pl.pretrain import selfgen
+    from esamp_pl.pretrain.corpus import CorpusError
+
+    loaded = load_model(ModelSpec(name="tiny", name_or_path=str(tiny_model_dir), chat_template=False))
+    one = DataSpec(num_prompts=3, max_new_tokens=6, generation_batch_size=2)
+    three = DataSpec(num_prompts=3, samples_per_prompt=3, max_new_tokens=6, generation_batch_size=2)
+    single = selfgen.self_generated_documents(loaded, one)
+    siblings = selfgen.self_generated_documents(loaded, three)
+    assert len(single) == 3 and len(siblings) == 9
+    prompts = selfgen.choose_prompts(three)
+    records = [json.loads(line) for path in (cache_env / "corpora").rglob("*.jsonl")
+               for line in path.read_text().splitlines() if len(path.read_text().splitlines()) == 9]
+    assert sorted(r["prompt"] for r in records) == sorted(prompts * 3)  # each prompt answered three times
+    assert len({r["text"] for r in records}) > 3  # the siblings are sampled, not copies
+    assert len(list((cache_env / "corpora").rglob("*.jsonl"))) == 2  # its own cache entry
+    with pytest.raises(CorpusError, match="data.num_prompts=900 but the seed prompts hold 802.*samples_per_prompt"):
+        selfgen.choose_prompts(DataSpec(num_prompts=900))
+    with pytest.raises(ValueError, match="data.samples_per_prompt must be a positive integer"):
+        DataSpec(samples_per_prompt=0)
