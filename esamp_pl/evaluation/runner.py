@@ -1,8 +1,8 @@
 """``scripts/evaluate.py``: one task, several sampling methods, the same problems, seeds and n.
 
-A *method* is a named set of overrides of the ``sampling`` and ``esamp`` config groups, and for
-ESamp methods of the ``distiller`` group (the ``methods`` catalogue in ``conf/evaluate.yaml``); ``eval.sweeps`` adds variants of a method with one
-key changed (``min_p0.1@T0.7``, ``esamp_random@beta0.1``), so each method *family* draws a
+A *method* is a named set of overrides of the ``sampling``, ``esamp`` and ``distiller`` config
+groups (the ``methods`` catalogue in ``conf/evaluate.yaml``); ``eval.sweeps`` adds variants of a
+method with one key changed (``min_p0.1@T0.7``, ``esamp_random@beta0.1``), so each method *family* draws a
 diversity-vs-perplexity curve instead of a single point.
 
 Problems go through the :class:`~esamp_pl.engine.DecodeEngine` in fixed batches of
@@ -159,7 +159,8 @@ def method_key(cfg: DictConfig, method: Method) -> str:
                        "n": cfg.n, "seed": seed, "max_new_tokens": cfg.eval.max_new_tokens,
                        "batch_prompts": cfg.eval.batch_prompts, "sampling": method.sampling,
                        "esamp": esamp if method.uses_esamp else {"enabled": False},
-                       "distiller": method.distiller if method.uses_esamp else None, "scorer": cfg.scorer, **_scoring_settings(cfg)}, sort_keys=True, default=str)
+                       "distiller": method.distiller if method.uses_esamp else None, "scorer": cfg.scorer,
+                       **_scoring_settings(cfg)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

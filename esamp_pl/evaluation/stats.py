@@ -26,8 +26,8 @@ import numpy as np
 from esamp_pl.evaluation.metrics import pass_at_k, pass_at_k_curve
 from esamp_pl.evaluation.results import record_unit
 
-__all__ = ["FrontierRow", "MethodSummary", "PairedDelta", "PassAtKRow", "SAMPLE_NEUTRAL_ESAMP_KEYS", "TwinRow",
-           "compare_to_curve", "curve_residuals", "frontier_comparison", "frozen_twin", "paired_delta",
+__all__ = ["FROZEN_TWIN_KEYS", "FrontierRow", "MethodSummary", "PairedDelta", "PassAtKRow", "SAMPLE_NEUTRAL_ESAMP_KEYS",
+           "TwinRow", "compare_to_curve", "curve_residuals", "frontier_comparison", "frozen_twin", "paired_delta",
            "paired_difference_se", "paired_pass_at_k", "pass_at_k_against", "random_twin", "standard_error",
            "summarize", "twin_comparison", "wins_losses"]
 
@@ -320,14 +320,14 @@ def _settings(s: MethodSummary, *, drop: tuple[str, ...]) -> tuple[str, str, str
 
 
 # A Distiller that never learns has no update cadence: a frozen twin matches whatever esamp.update_every says.
-_FROZEN_KEYS = ("learn", "update_every")
+FROZEN_TWIN_KEYS = ("learn", "update_every")
 
 
 def frozen_twin(method: MethodSummary, summaries: list[MethodSummary]) -> MethodSummary | None:
     """The method with the same settings except ``esamp.learn=false`` (None when not run)."""
-    target = _settings(method, drop=_FROZEN_KEYS)
+    target = _settings(method, drop=FROZEN_TWIN_KEYS)
     return next((s for s in summaries if s.init is not None and not _learns(s)
-                 and _settings(s, drop=_FROZEN_KEYS) == target), None)
+                 and _settings(s, drop=FROZEN_TWIN_KEYS) == target), None)
 
 
 _INIT_KEYS = ("init", "warm_start", "warm_start_path")

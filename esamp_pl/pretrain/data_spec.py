@@ -92,8 +92,7 @@ class DataSpec:
             raise ValueError(f"data.text_sample_by must be paragraph, line or document, "
                              f"but is {self.text_sample_by!r}")
         for name in ("num_prompts", "samples_per_prompt", "max_new_tokens", "generation_batch_size", "window",
-                     "max_val_rows",
-                     "batch_size", "extract_batch_size"):
+                     "max_val_rows", "batch_size", "extract_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name} must be a positive integer, but is {value!r}")

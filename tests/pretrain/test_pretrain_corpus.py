@@ -154,8 +154,9 @@ def test_several_answers_per_prompt_are_siblings_under_their_own_cache_key(tiny_
     siblings = selfgen.self_generated_documents(loaded, three)
     assert len(single) == 3 and len(siblings) == 9
     prompts = selfgen.choose_prompts(three)
-    records = [json.loads(line) for path in (cache_env / "corpora").rglob("*.jsonl")
-               for line in path.read_text().splitlines() if len(path.read_text().splitlines()) == 9]
+    (cached,) = [lines for path in (cache_env / "corpora").rglob("*.jsonl")
+                 if len(lines := path.read_text().splitlines()) == 9]
+    records = [json.loads(line) for line in cached]
     assert sorted(r["prompt"] for r in records) == sorted(prompts * 3)  # each prompt answered three times
     assert len({r["text"] for r in records}) > 3  # the siblings are sampled, not copies
     assert len(list((cache_env / "corpora").rglob("*.jsonl"))) == 2  # its own cache entry
