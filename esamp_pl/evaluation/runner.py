@@ -150,6 +150,30 @@ def _scoring_settings(cfg: DictConfig) -> dict:
     return extra
 
 
+def warm_start_digest(cfg: DictConfig, method: Method) -> str | None:
+    """The SHA-256 recorded in the checkpoint a warm-start method reads, found as the decode will find it.
+
+    It enters the method's resume key, so a checkpoint replaced at the same path (re-trained, or another recipe)
+    makes the old records stale instead of mixing them with new ones. None: not a warm start, or no readable
+    checkpoint there yet (the method is then skipped, saying why).
+    """
+    if method.init != "warm":
+        return None
+    from esamp_pl.checkpoint import CheckpointError, find_checkpoint
+    from esamp_pl.checkpoint_lookup import read_meta
+
+    path = method.esamp.get("warm_start_path")
+    if not path:
+        model_spec = ModelSpec.from_config(cfg.model)
+        spec = settings_lib.esamp_settings(method.esamp, method.distiller).adapter.distiller
+        try:
+            path = find_checkpoint(model_spec.name, SitePair(model_spec.sites).preset, spec=spec)
+        except CheckpointError:
+            return None
+    meta = read_meta(Path(path))
+    return meta.sha256 if meta is not None else None
+
+
 def method_key(cfg: DictConfig, method: Method) -> str:
     """Hash of everything that decides a method's samples; records with another key are stale."""
     esamp = {k: v for k, v in method.esamp.items() if k not in SAMPLE_NEUTRAL_ESAMP_KEYS}
@@ -160,8 +184,13 @@ def method_key(cfg: DictConfig, method: Method) -> str:
                        "batch_prompts": cfg.eval.batch_prompts, "sampling": method.sampling,
                        "esamp": esamp if method.uses_esamp else {"enabled": False},
                        "distiller": method.distiller if method.uses_esamp else None, "scorer": cfg.scorer,
-                       **_scoring_settings(cfg)}, sort_keys=True, default=str)
+                       **_scoring_settings(cfg), **_warm_start_setting(cfg, method)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _warm_start_setting(cfg: DictConfig, method: Method) -> dict:
+    """A warm start's checkpoint identity, listed for warm-start methods only (the others' keys stay as they were)."""
+    return {"warm_start_sha256": warm_start_digest(cfg, method)} if method.init == "warm" else {}
 
 
 # ----------------------------------------------------------------------------- JSONL

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -151,6 +152,40 @@ def test_resume_key_follows_the_samples_not_the_speed(tmp_path):
     assert key("esamp.optimizer.lr=0.001") != base  # the method keeps the base group's optimizer
     assert key("seed=1") != base and key("distiller.rank=32") != base
     assert key("perplexity=false") != base and key("embedder=/some/other/embedder") != base  # other metrics
+
+
+def test_a_replaced_warm_start_checkpoint_makes_its_records_stale(tmp_path, tiny_llama, monkeypatch):
+    """The resume key names the checkpoint's contents, not only its path: re-training it in place must not mix
+    the old checkpoint's records with the new one's."""
+    import dataclasses
+
+    from esamp_pl.checkpoint import CheckpointMeta, save_checkpoint
+    from esamp_pl.distiller import DistillerBank, DistillerSpec
+    from esamp_pl.models import model_fingerprint
+
+    spec = DistillerSpec(hidden_size=64, rank=8)
+    monkeypatch.setenv("ESAMP_PL_CACHE", str(tmp_path / "cache"))  # the user's checkpoint folder, searched first
+    path = tmp_path / "cache" / "checkpoints" / "tiny" / "paper-r8.distiller.safetensors"
+
+    def write(seed: int) -> None:
+        state = DistillerBank(spec, 1, generator=torch.Generator().manual_seed(seed)).single_state()
+        meta = CheckpointMeta(model_name="tiny", model_id="local/tiny", model_fingerprint=model_fingerprint(
+            tiny_llama.config), sites="paper", distiller=dataclasses.asdict(spec), steps=seed)
+        save_checkpoint(path, state, meta)
+
+    def keys() -> dict[str, str]:
+        cfg = config(tmp_path, tmp_path / "out", "eval.methods=[esamp_warm,esamp_random]", "eval.sweeps=[]",
+                     "distiller.rank=8")  # esamp_warm finds the file by model name, as the decode does
+        return {m.name: method_key(cfg, m) for m in build_methods(cfg)}
+
+    missing = keys()
+    write(seed=1)
+    first = keys()
+    assert keys() == first  # the same file, the same key: a resume reuses its records
+    write(seed=2)
+    second = keys()
+    assert second["esamp_warm"] != first["esamp_warm"] != missing["esamp_warm"]
+    assert missing["esamp_random"] == first["esamp_random"] == second["esamp_random"]  # no warm start, key unchanged
 
 
 def test_a_method_may_set_its_own_distiller(tmp_path):
