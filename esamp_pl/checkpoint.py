@@ -236,6 +236,18 @@ def check_state_shapes(state: dict[str, torch.Tensor], spec: DistillerSpec, path
                                      f"({expected}). Fix: re-create it with scripts/pretrain_distiller.py")
 
 
+def warm_start_file(model_name: str, sites: str, spec: DistillerSpec, warm_start_path: str | Path | None = None,
+                    checkpoints_dir: str | Path | None = None) -> Path:
+    """The checkpoint a warm start reads: the file named, else the one found for this model, sites and width.
+
+    One rule for the decode (``esamp_pl.init``) and for whoever must know the file beforehand (the
+    evaluation's resume keys). Raises :class:`CheckpointNotFoundError` when none is found.
+    """
+    if warm_start_path:
+        return Path(warm_start_path)
+    return find_checkpoint(model_name, sites, checkpoints_dir, spec=spec)
+
+
 def find_checkpoint(model_name: str, sites: str, checkpoints_dir: str | Path | None = None,
                     spec: DistillerSpec | None = None) -> Path:
     """Path of the checkpoint for ``model_name`` and ``sites`` under ``checkpoints_dir``.

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from esamp_pl.checkpoint import (check_state_shapes, find_checkpoint, load_checkpoint,
-                                 validate_checkpoint)
+from esamp_pl.checkpoint import check_state_shapes, load_checkpoint, validate_checkpoint, warm_start_file
 from esamp_pl.distiller import DistillerBank, DistillerSpec
 from esamp_pl.sites import SitePair, decoder_stack
 
@@ -55,8 +54,7 @@ def initial_distiller_state(kind: str, *, loaded_model: "LoadedModel", sites: Si
         return None
     if kind == "svd":
         return svd_state(loaded_model.model, distiller_spec)
-    path = Path(warm_start_path) if warm_start_path else find_checkpoint(
-        loaded_model.spec.name, preset, checkpoints_dir, spec=distiller_spec)
+    path = warm_start_file(loaded_model.spec.name, preset, distiller_spec, warm_start_path, checkpoints_dir)
     state, meta = load_checkpoint(path)
     validate_checkpoint(meta, model_fingerprint=loaded_model.fingerprint, sites=preset, spec=distiller_spec,
                         model_name=loaded_model.spec.name,

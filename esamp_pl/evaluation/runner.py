@@ -159,18 +159,17 @@ def warm_start_digest(cfg: DictConfig, method: Method) -> str | None:
     """
     if method.init != "warm":
         return None
-    from esamp_pl.checkpoint import CheckpointError, find_checkpoint
+    from esamp_pl.checkpoint import CheckpointError, warm_start_file
     from esamp_pl.checkpoint_lookup import read_meta
 
-    path = method.esamp.get("warm_start_path")
-    if not path:
-        model_spec = ModelSpec.from_config(cfg.model)
-        spec = settings_lib.esamp_settings(method.esamp, method.distiller).adapter.distiller
-        try:
-            path = find_checkpoint(model_spec.name, SitePair(model_spec.sites).preset, spec=spec)
-        except CheckpointError:
-            return None
-    meta = read_meta(Path(path))
+    model_spec = ModelSpec.from_config(cfg.model)
+    spec = settings_lib.esamp_settings(method.esamp, method.distiller).adapter.distiller
+    try:
+        path = warm_start_file(model_spec.name, SitePair(model_spec.sites).preset, spec,
+                               method.esamp.get("warm_start_path"))
+    except CheckpointError:
+        return None
+    meta = read_meta(path)
     return meta.sha256 if meta is not None else None
 
 
@@ -179,18 +178,15 @@ def method_key(cfg: DictConfig, method: Method) -> str:
     esamp = {k: v for k, v in method.esamp.items() if k not in SAMPLE_NEUTRAL_ESAMP_KEYS}
     # With eval.seeds each record names its seed in its unit, so adding a seed keeps the others' records.
     seed = cfg.seed if run_seeds(cfg) is None else "per-unit"
+    # listed for warm starts only, so that every other method keeps the key it had
+    warm_start = {"warm_start_sha256": warm_start_digest(cfg, method)} if method.init == "warm" else {}
     blob = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "task": cfg.eval.task,
                        "n": cfg.n, "seed": seed, "max_new_tokens": cfg.eval.max_new_tokens,
                        "batch_prompts": cfg.eval.batch_prompts, "sampling": method.sampling,
                        "esamp": esamp if method.uses_esamp else {"enabled": False},
                        "distiller": method.distiller if method.uses_esamp else None, "scorer": cfg.scorer,
-                       **_scoring_settings(cfg), **_warm_start_setting(cfg, method)}, sort_keys=True, default=str)
+                       **_scoring_settings(cfg), **warm_start}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _warm_start_setting(cfg: DictConfig, method: Method) -> dict:
-    """A warm start's checkpoint identity, listed for warm-start methods only (the others' keys stay as they were)."""
-    return {"warm_start_sha256": warm_start_digest(cfg, method)} if method.init == "warm" else {}
 
 
 # ----------------------------------------------------------------------------- JSONL
