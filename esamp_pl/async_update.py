@@ -22,6 +22,8 @@ alternated runs; on a GPU the side stream keeps the update off the critical path
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -89,8 +91,15 @@ class ThreadUpdater(InlineUpdater):
 
     The next prediction runs there too, as soon as the forward has produced its source state (block
     0's output, :attr:`SiteCapture.on_source`), beside the model's blocks 1..L: the decode thread
-    keeps only the candidates' projection and the fusion. One worker runs its jobs in order, so
-    the prediction of step t + 1 still comes after the update of step t (lag 0).
+    keeps only the candidates' projection and the fusion.
+
+    ``launch()`` only sets step t's update aside; the source hook of step t + 1 starts one job that
+    runs that update and then the prediction (lag 0, the sync tokens). Back to back, the prediction
+    reads the parameters the update has just written while they are still in the worker's cache:
+    the forward streams the model's weights through the shared cache between any two steps. On the
+    project's CPU (SmolLM2-135M, 4 x 8) that took the prediction from ~1.26 to ~0.9 ms a step in
+    situ, for the same update. A step whose forward calls no hook (none is installed) gets its
+    update started by ``wait()``, before an inline prediction.
     """
 
     predicts_early = True
@@ -100,10 +109,21 @@ class ThreadUpdater(InlineUpdater):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esamp-update")
         self._future: Future | None = None
         self._prediction: Future | None = None
+        self._deferred: Callable[[], None] | None = None
 
     def predict_early(self, source: torch.Tensor) -> None:
         # A copy: the worker reads it while the forward goes on, and the forward owns its buffers.
-        self._prediction = self._pool.submit(self.adapter.predict, source.clone())
+        source = source.clone()
+        update, self._deferred = self._deferred, None
+
+        def update_then_predict() -> torch.Tensor:
+            if update is not None:
+                update()
+            return self.adapter.predict(source)
+
+        self._prediction = self._pool.submit(update_then_predict)
+        if update is not None:
+            self._future = self._prediction  # wait() waits for the update inside it
 
     def take_prediction(self) -> torch.Tensor | None:
         if self._prediction is None:
@@ -115,11 +135,14 @@ class ThreadUpdater(InlineUpdater):
         self.wait()
         if self.ring is not None:
             if self.ring.step_done():
-                self._future = self._pool.submit(self.adapter.update_block)
+                self._deferred = self.adapter.update_block
             return
-        self._future = self._pool.submit(self.adapter.update, *self._take())
+        self._deferred = functools.partial(self.adapter.update, *self._take())
 
     def wait(self) -> None:
+        if self._deferred is not None:  # no early prediction came to carry it
+            update, self._deferred = self._deferred, None
+            self._future = self._pool.submit(update)
         if self._future is not None:
             future, self._future = self._future, None
             future.result()  # re-raises the worker's exception here

@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import resource
 import statistics
@@ -146,15 +147,19 @@ def _timed_methods(targets: list[tuple[type, str]], clock: Callable[[], float]) 
             setattr(cls, name, original)
 
 
-IN_SITU_DECODE = ("before_prediction", "scores", "launch")
-"ESampStep's calls on the decode thread: the wait for the update, prediction (inline) + fusion, the update's start"
+WORKER_WAITS = [(ThreadUpdater, "wait"), (ThreadUpdater, "take_prediction")]
+"where the decode thread waits for the CPU worker (wall time): the update, and the prediction it runs after it"
+IN_SITU_DECODE = ("before_prediction", "scores", "launch", "predict_early")
+"""ESamp's calls on the decode thread: the wait for the update, prediction (inline) + fusion, the update's start
+(ESampStep's), and the hand-off of the source state to the worker from inside the forward (ThreadUpdater's)"""
 IN_SITU_WORKER = ("predict", "update", "update_block")
 "TestTimeAdapter's calls that a CPU worker runs: the early prediction and the update"
 
 
 def _in_situ_timers():
     """CPU time of ESamp's own calls inside the timed runs, by thread (CPU runs)."""
-    return _timed_methods([(ESampStep, name) for name in IN_SITU_DECODE]
+    return _timed_methods([(ESampStep, name) for name in IN_SITU_DECODE if name != "predict_early"]
+                          + [(ThreadUpdater, "predict_early")]
                           + [(TestTimeAdapter, name) for name in IN_SITU_WORKER], time.thread_time)
 
 
@@ -381,7 +386,7 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeLoop]
         for values in series.values():
             values.clear()
     load_before = _load_average()
-    with _timed_methods([(ThreadUpdater, "wait")], time.perf_counter) as waits, _in_situ_timers() as calls:
+    with _timed_methods(WORKER_WAITS, time.perf_counter) as waits, _in_situ_timers() as calls:
         for r in range(cfg.rounds):
             order = [m for m in modes if m != "hf" or r < cfg.hf_rounds]
             for mode in order if r % 2 == 0 else order[::-1]:
@@ -400,11 +405,20 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeLoop]
     def paired(series: dict[str, list[float]], a: str, b: str) -> float:
         return round(statistics.median(x / y for x, y in zip(series[a], series[b])), 4)
 
+    def paired_se(series: dict[str, list[float]], a: str, b: str) -> float | None:
+        """Standard error of the mean of the rounds' ratios a / b: how far a whole-run ratio can be trusted here."""
+        ratios = [x / y for x, y in zip(series[a], series[b])]
+        return round(statistics.stdev(ratios) / math.sqrt(len(ratios)), 4) if len(ratios) > 1 else None
+
     summary: dict[str, Any] = {
         "esamp_on_off_ratio": round(median["on"] / median["off"], 4),
         "esamp_on_off_ratio_paired": paired(rates, "on", "off"),
         "cpu_time_ratio": round(cpu_median["on"] / cpu_median["off"], 4),
         "cpu_time_ratio_paired": paired(cpu_rates, "on", "off"),
+        "esamp_on_off_ratio_paired_mean": round(statistics.mean(x / y for x, y in zip(rates["on"], rates["off"])), 4),
+        "esamp_on_off_ratio_paired_se": paired_se(rates, "on", "off"),
+        "cpu_time_ratio_paired_mean": round(statistics.mean(x / y for x, y in zip(cpu_rates["on"], cpu_rates["off"])), 4),
+        "cpu_time_ratio_paired_se": paired_se(cpu_rates, "on", "off"),
         "engine_hf_ratio": round(median["off"] / median["hf"], 4) if "hf" in median else None,
         "graphs_ratio": round(median["on"] / median["on_nographs"], 4) if "on_nographs" in median else None,
         "updates": min(updates["on"]) if updates["on"] else 0,
@@ -542,6 +556,10 @@ def report(summary: dict[str, Any]) -> str:
     lines.append(f"  ESamp on / off: wall {summary['esamp_on_off_ratio']:.4f} (paired rounds "
                  f"{summary['esamp_on_off_ratio_paired']:.4f}), CPU time {summary['cpu_time_ratio']:.4f} (paired "
                  f"{summary['cpu_time_ratio_paired']:.4f}); Distiller updates per run: {summary['updates']}")
+    if summary["cpu_time_ratio_paired_se"] is not None:
+        lines.append(f"  mean of the paired rounds' ratios +- s.e. (the whole-run figures' resolution): wall "
+                     f"{summary['esamp_on_off_ratio_paired_mean']:.4f} +- {summary['esamp_on_off_ratio_paired_se']:.4f}, "
+                     f"CPU time {summary['cpu_time_ratio_paired_mean']:.4f} +- {summary['cpu_time_ratio_paired_se']:.4f}")
     if summary["engine_hf_ratio"] is not None:
         lines.append(f"  engine (ESamp off) / HF generate: {summary['engine_hf_ratio']:.4f}")
     if summary["graphs_ratio"] is not None:
@@ -550,7 +568,8 @@ def report(summary: dict[str, Any]) -> str:
     lines.append(f"  CPU ms per token, all threads: off {summary['cpu_ms_per_token_off']:.4f}, on "
                  f"{summary['cpu_ms_per_token_on']:.4f}; decode thread alone: off {thread['off']:.4f}, on {thread['on']:.4f}")
     if summary["update_wait_ms_per_step"] is not None:
-        lines.append(f"  decode thread waited {summary['update_wait_ms_per_step']:.3f} ms per step for the update")
+        lines.append(f"  decode thread waited {summary['update_wait_ms_per_step']:.3f} ms per step for the worker "
+                     f"(the update and the prediction)")
     situ = summary.get("in_situ_ms_per_step")
     if situ:
         step = summary["cpu_step_ms_off"]

@@ -51,6 +51,12 @@ def test_cpu_time_and_the_extras_share_are_reported(tmp_path):
     assert summary["cpu_time_ratio"] == pytest.approx(summary["cpu_ms_per_token_off"] / summary["cpu_ms_per_token_on"],
                                                       rel=1e-3)
     assert 0 < summary["cpu_time_ratio"] < 5 and 0 < summary["cpu_time_ratio_paired"] < 5
+    for key, series in (("cpu_time_ratio", summary["cpu_rates"]), ("esamp_on_off_ratio", summary["rates"])):
+        ratios = [on / off for on, off in zip(series["on"], series["off"])]  # rounded rates: compare to 1e-3
+        mean = sum(ratios) / len(ratios)
+        se = (sum((r - mean) ** 2 for r in ratios) / (len(ratios) - 1) / len(ratios)) ** 0.5
+        assert summary[f"{key}_paired_mean"] == pytest.approx(mean, rel=1e-3)
+        assert summary[f"{key}_paired_se"] == pytest.approx(se, rel=1e-2, abs=1e-3)
     extras = summary["extras_ms_per_step"]
     step = summary["cpu_step_ms_off"]
     assert summary["extras_share"] == pytest.approx((extras["distiller_forward"] + extras["projection_fusion"]) / step,
@@ -85,7 +91,9 @@ def test_in_situ_costs_split_the_calls_by_thread_and_never_count_a_nested_call_t
     assert costs["decode_thread"] == pytest.approx(1.8) and costs["worker"] == pytest.approx(2.6)
     summary = run_benchmark(config(write_tiny_model(tmp_path / "tiny"), "hf=false"))  # async: a CPU worker
     situ = summary["in_situ_ms_per_step"]
-    assert {"worker_predict", "worker_update", "scores", "launch", "before_prediction"} == set(situ["parts"])
+    # predict_early: the hand-off of the source state to the worker, on the decode thread inside the forward
+    assert {"worker_predict", "worker_update", "scores", "launch", "before_prediction",
+            "predict_early"} == set(situ["parts"])
     assert situ["worker"] > 0 and situ["decode_thread"] > 0  # the prediction ran on the worker, beside the forward
     step = summary["cpu_step_ms_off"]
     assert summary["extras_share_in_situ"] == pytest.approx(situ["decode_thread"] / step, rel=1e-2, abs=1e-5)

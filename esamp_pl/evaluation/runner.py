@@ -159,18 +159,25 @@ def warm_start_digest(cfg: DictConfig, method: Method) -> str | None:
     """
     if method.init != "warm":
         return None
-    from esamp_pl.checkpoint import CheckpointError, warm_start_file
+    from esamp_pl.checkpoint import CheckpointError
     from esamp_pl.checkpoint_lookup import read_meta
 
-    model_spec = ModelSpec.from_config(cfg.model)
-    spec = settings_lib.esamp_settings(method.esamp, method.distiller).adapter.distiller
     try:
-        path = warm_start_file(model_spec.name, SitePair(model_spec.sites).preset, spec,
-                               method.esamp.get("warm_start_path"))
+        path = _warm_start_file(method, ModelSpec.from_config(cfg.model))
     except CheckpointError:
         return None
     meta = read_meta(path)
     return meta.sha256 if meta is not None else None
+
+
+def _warm_start_file(method: Method, model_spec: ModelSpec) -> Path:
+    """The checkpoint a warm-start method's decode reads: its named file, else the one found for the model, the
+    sites and the method's own Distiller (its width)."""
+    from esamp_pl.checkpoint import warm_start_file
+
+    spec = settings_lib.esamp_settings(method.esamp, method.distiller).adapter.distiller
+    return warm_start_file(model_spec.name, SitePair(model_spec.sites).preset, spec,
+                           method.esamp.get("warm_start_path"))
 
 
 def method_key(cfg: DictConfig, method: Method) -> str:
@@ -336,10 +343,10 @@ def _unavailable(method: Method, model_spec: ModelSpec) -> str | None:
     """Why a warm-start method cannot run, told without loading the model (report-only runs)."""
     if method.init != "warm" or method.esamp.get("warm_start_path"):
         return None
-    from esamp_pl.checkpoint import CheckpointError, find_checkpoint
+    from esamp_pl.checkpoint import CheckpointError
 
     try:
-        find_checkpoint(model_spec.name, model_spec.sites)
+        _warm_start_file(method, model_spec)
     except CheckpointError as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0]}"
     return None

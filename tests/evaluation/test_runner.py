@@ -188,6 +188,31 @@ def test_a_replaced_warm_start_checkpoint_makes_its_records_stale(tmp_path, tiny
     assert missing["esamp_random"] == first["esamp_random"] == second["esamp_random"]  # no warm start, key unchanged
 
 
+def test_a_warm_start_of_another_width_is_unavailable_without_its_own_checkpoint(tmp_path, tiny_llama, monkeypatch):
+    """Whether a warm method can run is told before the model loads; it must look for a checkpoint of the
+    method's own Distiller width, as its decode will, not take the rank-64 file for a rank-16 method."""
+    import dataclasses
+
+    from esamp_pl.checkpoint import CheckpointMeta, save_checkpoint
+    from esamp_pl.distiller import DistillerBank, DistillerSpec
+    from esamp_pl.evaluation.runner import _unavailable
+    from esamp_pl.models import ModelSpec, model_fingerprint
+
+    spec = DistillerSpec(hidden_size=64, rank=8)
+    monkeypatch.setenv("ESAMP_PL_CACHE", str(tmp_path / "cache"))
+    meta = CheckpointMeta(model_name="tiny", model_id="local/tiny", model_fingerprint=model_fingerprint(
+        tiny_llama.config), sites="paper", distiller=dataclasses.asdict(spec), steps=1)
+    save_checkpoint(tmp_path / "cache" / "checkpoints" / "tiny" / "paper-r8.distiller.safetensors",
+                    DistillerBank(spec, 1).single_state(), meta)
+    cfg = config(tmp_path, tmp_path / "out", "eval.methods=[esamp_warm]", "eval.sweeps=[]", "distiller.rank=8")
+    (warm,) = build_methods(cfg)
+    model_spec = ModelSpec.from_config(cfg.model)
+    assert _unavailable(warm, model_spec) is None  # rank 8: its file is there
+    wide = dataclasses.replace(warm, distiller={**warm.distiller, "rank": 16})
+    reason = _unavailable(wide, model_spec)
+    assert reason is not None and reason.startswith("CheckpointNotFoundError") and "r16" in reason
+
+
 def test_a_method_may_set_its_own_distiller(tmp_path):
     """A catalogue entry's `distiller` overrides reach its decode settings and resume key, and only its own."""
     from esamp_pl.evaluation.runner import decode_settings_for
