@@ -2,7 +2,8 @@
 
 A decode step hands its (source, target, active rows) to the updater with :meth:`InlineUpdater.stage`
 (inside the step, so it can be captured in a CUDA graph), starts the update with ``launch()``
-right after the token is sampled, and calls ``wait()`` just before the next Distiller prediction.
+right after the token is sampled (the CPU worker runs it just before the next step's prediction,
+in one job: :class:`ThreadUpdater`), and calls ``wait()`` just before the next Distiller prediction.
 
 Lag: ``LAG = 0`` for every mode. The prediction at step t + 1 uses the parameters after the update
 on step t's pairs, exactly as the synchronous path (spec, Alg. 1), so ``sync`` and ``async`` give
@@ -11,7 +12,7 @@ bulk of a step), which needs no Distiller, and ``wait()`` is the only ordering p
 allows a prediction one step older than synchronous; this design does not need it.
 
 * ``sync``: the update runs inline on the decode thread and stream.
-* ``async`` on a CPU: a worker thread (torch ops release the GIL).
+* ``async`` on a CPU: a worker thread (torch ops release the GIL), beside blocks 1..L of the next forward.
 * ``async`` on CUDA: a side stream, ordered by events; with CUDA graphs the update is its own
   captured graph, replayed on that stream.
 
