@@ -2,7 +2,8 @@
 # The GPU check of issue 13, in one call of at most 10 minutes on an H200 machine (no network, no model weights).
 #
 #   bash scripts/gpu_check.sh --fetch-wheels      # here, with network: the wheels the GPU machine lacks, into .whl/
-#   bash scripts/gpu_check.sh --dry-run OUT       # here, on the CPU: every step below, on a tiny random Qwen2
+#   PYTHON=.venv/bin/python bash scripts/gpu_check.sh --dry-run OUT   # here, on the CPU: every step below, on a
+#                                                 # tiny random Qwen2 (PYTHON: a Python with torch; default python3)
 #   bash scripts/gpu_check.sh OUT                 # there: writes logs, JSON and summary.txt into OUT
 #
 # Through this workplace's device tool: run(command="bash scripts/gpu_check.sh $OUT", carry=[".whl"], timeout_s=600)
@@ -19,19 +20,25 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELS="$REPO/.whl"
+FETCH_PYTHON="${PYTHON:-}"  # --fetch-wheels reads the versions of this checkout's .venv unless PYTHON names another
 PYTHON="${PYTHON:-python3}"
 MODULES=(hydra omegaconf antlr4 gguf datasets dill multiprocess)
 PACKAGES=(hydra-core omegaconf antlr4-python3-runtime gguf datasets dill multiprocess transformers)
 WHEEL_BUDGET_MB=60  # the device tool carries at most 64 MiB, the repository included
 
-usage() { sed -n '2,6p' "$0" >&2; exit 2; }
+usage() { sed -n '2,7p' "$0" >&2; exit 2; }
 
 fetch_wheels() {
   # The versions this machine's tests ran with, as wheels for the GPU machine's Python (3.12, x86-64).
   mkdir -p "$WHEELS"
-  local pins=() pkg version
+  local pins=() pkg version py="$FETCH_PYTHON"
+  if [[ -z "$py" ]]; then
+    if [[ -x "$REPO/.venv/bin/python" ]]; then py="$REPO/.venv/bin/python"; else py=python3; fi
+  fi
   for pkg in "${PACKAGES[@]}"; do
-    version="$("$PYTHON" -c "import importlib.metadata as m; print(m.version('$pkg'))")"
+    version="$("$py" -c "import importlib.metadata as m; print(m.version('$pkg'))")" || {
+      echo "FAIL: $py has no $pkg: run scripts/install.sh first, or set PYTHON to the Python the tests ran with" >&2
+      exit 1; }
     pins+=("$pkg==$version")
   done
   echo "pins: ${pins[*]}"
@@ -39,10 +46,10 @@ fetch_wheels() {
   for pin in "${pins[@]}"; do
     if [[ "$pin" == antlr4-python3-runtime==* ]]; then source_only+=("$pin"); else binary+=("$pin"); fi
   done
-  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$WHEELS" "${binary[@]}"
-  "$PYTHON" -m pip wheel -q --no-deps -w "$WHEELS" "${source_only[@]}"  # antlr4 4.9.3 ships no wheel; pure Python
+  "$py" -m pip wheel -q --no-deps -w "$WHEELS" "${source_only[@]}"  # antlr4 4.9.3 ships no wheel; pure Python
   ls -l "$WHEELS"
   local total_mb
   total_mb=$(du -sm "$WHEELS" | cut -f1)
