@@ -149,18 +149,19 @@ def _timed_methods(targets: list[tuple[type, str]], clock: Callable[[], float]) 
 
 WORKER_WAITS = [(ThreadUpdater, "wait"), (ThreadUpdater, "take_prediction")]
 "where the decode thread waits for the CPU worker (wall time): the update, and the prediction it runs after it"
-IN_SITU_DECODE = ("before_prediction", "scores", "launch", "predict_early")
-"""ESamp's calls on the decode thread: the wait for the update, prediction (inline) + fusion, the update's start
-(ESampStep's), and the hand-off of the source state to the worker from inside the forward (ThreadUpdater's)"""
+IN_SITU_DECODE_CALLS = [(ESampStep, "before_prediction"), (ESampStep, "scores"), (ESampStep, "launch"),
+                        (ThreadUpdater, "predict_early")]
+"""ESamp's calls on the decode thread: the wait for the update, prediction (inline) + fusion, the update's start,
+and the hand-off of the source state to the worker from inside the forward"""
+IN_SITU_DECODE = tuple(name for _, name in IN_SITU_DECODE_CALLS)
 IN_SITU_WORKER = ("predict", "update", "update_block")
 "TestTimeAdapter's calls that a CPU worker runs: the early prediction and the update"
 
 
 def _in_situ_timers():
     """CPU time of ESamp's own calls inside the timed runs, by thread (CPU runs)."""
-    return _timed_methods([(ESampStep, name) for name in IN_SITU_DECODE if name != "predict_early"]
-                          + [(ThreadUpdater, "predict_early")]
-                          + [(TestTimeAdapter, name) for name in IN_SITU_WORKER], time.thread_time)
+    return _timed_methods(IN_SITU_DECODE_CALLS + [(TestTimeAdapter, name) for name in IN_SITU_WORKER],
+                          time.thread_time)
 
 
 def in_situ_costs(records: list[tuple[str, bool, float]], decode_steps: int) -> dict[str, Any]:
@@ -402,23 +403,24 @@ def measure(cfg: DictConfig, loaded: LoadedModel, engines: dict[str, DecodeLoop]
     rows = len(prompt_ids) * on.n
     decode_steps = cfg.rounds * (on.max_new_tokens - 1)
 
-    def paired(series: dict[str, list[float]], a: str, b: str) -> float:
-        return round(statistics.median(x / y for x, y in zip(series[a], series[b])), 4)
+    def paired(series: dict[str, list[float]]) -> tuple[float, float, float | None]:
+        """The rounds' on / off ratios: median, mean, and the mean's standard error (how far a whole-run ratio
+        can be trusted on this machine)."""
+        ratios = [on / off for on, off in zip(series["on"], series["off"])]
+        se = statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else None
+        return (round(statistics.median(ratios), 4), round(statistics.mean(ratios), 4),
+                None if se is None else round(se, 4))
 
-    def paired_se(series: dict[str, list[float]], a: str, b: str) -> float | None:
-        """Standard error of the mean of the rounds' ratios a / b: how far a whole-run ratio can be trusted here."""
-        ratios = [x / y for x, y in zip(series[a], series[b])]
-        return round(statistics.stdev(ratios) / math.sqrt(len(ratios)), 4) if len(ratios) > 1 else None
-
+    wall_paired, cpu_paired = paired(rates), paired(cpu_rates)
     summary: dict[str, Any] = {
         "esamp_on_off_ratio": round(median["on"] / median["off"], 4),
-        "esamp_on_off_ratio_paired": paired(rates, "on", "off"),
+        "esamp_on_off_ratio_paired": wall_paired[0],
         "cpu_time_ratio": round(cpu_median["on"] / cpu_median["off"], 4),
-        "cpu_time_ratio_paired": paired(cpu_rates, "on", "off"),
-        "esamp_on_off_ratio_paired_mean": round(statistics.mean(x / y for x, y in zip(rates["on"], rates["off"])), 4),
-        "esamp_on_off_ratio_paired_se": paired_se(rates, "on", "off"),
-        "cpu_time_ratio_paired_mean": round(statistics.mean(x / y for x, y in zip(cpu_rates["on"], cpu_rates["off"])), 4),
-        "cpu_time_ratio_paired_se": paired_se(cpu_rates, "on", "off"),
+        "cpu_time_ratio_paired": cpu_paired[0],
+        "esamp_on_off_ratio_paired_mean": wall_paired[1],
+        "esamp_on_off_ratio_paired_se": wall_paired[2],
+        "cpu_time_ratio_paired_mean": cpu_paired[1],
+        "cpu_time_ratio_paired_se": cpu_paired[2],
         "engine_hf_ratio": round(median["off"] / median["hf"], 4) if "hf" in median else None,
         "graphs_ratio": round(median["on"] / median["on_nographs"], 4) if "on_nographs" in median else None,
         "updates": min(updates["on"]) if updates["on"] else 0,

@@ -154,9 +154,9 @@ def test_resume_key_follows_the_samples_not_the_speed(tmp_path):
     assert key("perplexity=false") != base and key("embedder=/some/other/embedder") != base  # other metrics
 
 
-def test_a_replaced_warm_start_checkpoint_makes_its_records_stale(tmp_path, tiny_llama, monkeypatch):
-    """The resume key names the checkpoint's contents, not only its path: re-training it in place must not mix
-    the old checkpoint's records with the new one's."""
+def write_user_checkpoint(tmp_path: Path, model, seed: int) -> None:
+    """A rank-8 warm start for the tiny model in the user's checkpoint folder (ESAMP_PL_CACHE=tmp_path/cache, set
+    by the caller), found by model name as the decode finds it; ``seed`` draws its weights."""
     import dataclasses
 
     from esamp_pl.checkpoint import CheckpointMeta, save_checkpoint
@@ -164,14 +164,19 @@ def test_a_replaced_warm_start_checkpoint_makes_its_records_stale(tmp_path, tiny
     from esamp_pl.models import model_fingerprint
 
     spec = DistillerSpec(hidden_size=64, rank=8)
+    state = DistillerBank(spec, 1, generator=torch.Generator().manual_seed(seed)).single_state()
+    meta = CheckpointMeta(model_name="tiny", model_id="local/tiny", model_fingerprint=model_fingerprint(model.config),
+                          sites="paper", distiller=dataclasses.asdict(spec), steps=seed)
+    save_checkpoint(tmp_path / "cache" / "checkpoints" / "tiny" / "paper-r8.distiller.safetensors", state, meta)
+
+
+def test_a_replaced_warm_start_checkpoint_makes_its_records_stale(tmp_path, tiny_llama, monkeypatch):
+    """The resume key names the checkpoint's contents, not only its path: re-training it in place must not mix
+    the old checkpoint's records with the new one's."""
     monkeypatch.setenv("ESAMP_PL_CACHE", str(tmp_path / "cache"))  # the user's checkpoint folder, searched first
-    path = tmp_path / "cache" / "checkpoints" / "tiny" / "paper-r8.distiller.safetensors"
 
     def write(seed: int) -> None:
-        state = DistillerBank(spec, 1, generator=torch.Generator().manual_seed(seed)).single_state()
-        meta = CheckpointMeta(model_name="tiny", model_id="local/tiny", model_fingerprint=model_fingerprint(
-            tiny_llama.config), sites="paper", distiller=dataclasses.asdict(spec), steps=seed)
-        save_checkpoint(path, state, meta)
+        write_user_checkpoint(tmp_path, tiny_llama, seed)
 
     def keys() -> dict[str, str]:
         cfg = config(tmp_path, tmp_path / "out", "eval.methods=[esamp_warm,esamp_random]", "eval.sweeps=[]",
@@ -193,17 +198,11 @@ def test_a_warm_start_of_another_width_is_unavailable_without_its_own_checkpoint
     method's own Distiller width, as its decode will, not take the rank-64 file for a rank-16 method."""
     import dataclasses
 
-    from esamp_pl.checkpoint import CheckpointMeta, save_checkpoint
-    from esamp_pl.distiller import DistillerBank, DistillerSpec
     from esamp_pl.evaluation.runner import _unavailable
-    from esamp_pl.models import ModelSpec, model_fingerprint
+    from esamp_pl.models import ModelSpec
 
-    spec = DistillerSpec(hidden_size=64, rank=8)
     monkeypatch.setenv("ESAMP_PL_CACHE", str(tmp_path / "cache"))
-    meta = CheckpointMeta(model_name="tiny", model_id="local/tiny", model_fingerprint=model_fingerprint(
-        tiny_llama.config), sites="paper", distiller=dataclasses.asdict(spec), steps=1)
-    save_checkpoint(tmp_path / "cache" / "checkpoints" / "tiny" / "paper-r8.distiller.safetensors",
-                    DistillerBank(spec, 1).single_state(), meta)
+    write_user_checkpoint(tmp_path, tiny_llama, seed=1)
     cfg = config(tmp_path, tmp_path / "out", "eval.methods=[esamp_warm]", "eval.sweeps=[]", "distiller.rank=8")
     (warm,) = build_methods(cfg)
     model_spec = ModelSpec.from_config(cfg.model)
